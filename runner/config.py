@@ -1,0 +1,316 @@
+"""Typed settings of one run.
+
+Each setting is declared once here. Hydra composes YAML from ``conf/`` onto these
+schemas (registered in ``runner.__main__``); ``OmegaConf.to_object`` then builds these
+dataclasses, whose ``__post_init__`` checks ranges and cross-field rules. Every check
+raises ``ConfigError`` with the key, the bad value and what to pass instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+from runner.errors import ConfigError
+
+
+class EndpointKind(Enum):
+    sim = "sim"
+    openai = "openai"
+
+
+class Api(Enum):
+    chat = "chat"
+    completions = "completions"
+
+
+class DatasetKind(Enum):
+    random = "random"
+    sharegpt = "sharegpt"
+    line_by_line = "line_by_line"
+    jsonl = "jsonl"
+
+
+class Arrival(Enum):
+    poisson = "poisson"
+    constant = "constant"
+    gamma = "gamma"
+
+
+class SearchVariable(Enum):
+    parallel = "parallel"
+    rate = "rate"
+
+
+API_PATHS = {"/v1/chat/completions": Api.chat, "/v1/completions": Api.completions}
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_timeout(key: str, value: Optional[float]) -> None:
+    _require(value is None or value > 0, f"{key} must be > 0 seconds or null for no limit, got {value}")
+
+
+@dataclass
+class EndpointConfig:
+    # `sim` starts the embedded simulated server on a free 127.0.0.1 port; `openai` uses `url`.
+    kind: EndpointKind = EndpointKind.sim
+    # Full URL for `openai`. For `sim` only the path counts, which picks the API.
+    url: str = "/v1/chat/completions"
+    # Name of the environment variable that holds the API key; the key is never stored.
+    api_key_env: Optional[str] = None
+    # Extra HTTP headers sent with every request.
+    headers: dict[str, str] = field(default_factory=dict)
+    # Seconds to open a connection.
+    connect_timeout: Optional[float] = 10.0
+    # Seconds of silence allowed between two chunks of a response (also before the headers).
+    read_timeout: Optional[float] = 120.0
+    # Seconds for a whole request; null means no limit, so long generations are never cut.
+    request_timeout: Optional[float] = None
+    # Seed of the simulated server (sim only).
+    sim_seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("connect_timeout", "read_timeout", "request_timeout"):
+            _check_timeout(f"endpoint.{key}", getattr(self, key))
+        if self.kind is EndpointKind.openai:
+            parts = urlsplit(self.url)
+            _require(
+                parts.scheme in ("http", "https") and bool(parts.netloc),
+                f"endpoint.url must be a full http(s) URL such as "
+                f"http://127.0.0.1:8000/v1/chat/completions, got {self.url!r}",
+            )
+        _require(
+            self.api_path in API_PATHS,
+            f"endpoint.url must end in /v1/chat/completions or /v1/completions, got {self.url!r}",
+        )
+
+    @property
+    def api_path(self) -> str:
+        path = urlsplit(self.url).path if "://" in self.url else self.url
+        return path.rstrip("/") or "/"
+
+    @property
+    def api(self) -> Api:
+        return API_PATHS[self.api_path]
+
+
+@dataclass
+class ModelConfig:
+    # Model id sent in every request's `model` field.
+    name: str = "qwen2.5-0.5b-instruct"
+    # Tokenizer: a bundled name (`qwen2.5`), a local directory or a hub id.
+    tokenizer: str = "qwen2.5"
+    # Simulated-server profile that stands in for this model when endpoint=sim.
+    sim_profile: str = "default"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "model.name must not be empty; pass the model id the server serves")
+        _require(bool(self.tokenizer), "model.tokenizer must not be empty; pass a path, a hub id or qwen2.5")
+
+
+@dataclass
+class DatasetConfig:
+    kind: DatasetKind = DatasetKind.random
+    # Local file for the file-based kinds (sharegpt, line_by_line, jsonl).
+    path: Optional[str] = None
+    # Prompt length bounds in tokens (random: lengths drawn uniformly in [min, max]; files: filter).
+    min_prompt_length: int = 128
+    max_prompt_length: int = 128
+    # Tokens of one shared prefix put before every random prompt.
+    prefix_length: int = 0
+    # Number of distinct prompts to prepare; requests cycle through them (null: one per request).
+    num_prompts: Optional[int] = None
+    # Seed for prompt generation and sampling.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.min_prompt_length >= 1, f"dataset.min_prompt_length must be >= 1, got {self.min_prompt_length}")
+        _require(
+            self.max_prompt_length >= self.min_prompt_length,
+            f"dataset.max_prompt_length must be >= dataset.min_prompt_length "
+            f"({self.min_prompt_length}), got {self.max_prompt_length}",
+        )
+        _require(self.prefix_length >= 0, f"dataset.prefix_length must be >= 0, got {self.prefix_length}")
+        _require(
+            self.num_prompts is None or self.num_prompts >= 1,
+            f"dataset.num_prompts must be >= 1 or null, got {self.num_prompts}",
+        )
+        if self.kind is not DatasetKind.random:
+            _require(
+                bool(self.path),
+                f"dataset.path is required for dataset={self.kind.value}; pass dataset.path=/path/to/file",
+            )
+
+
+@dataclass
+class RequestConfig:
+    # Maximum output tokens per request.
+    max_tokens: int = 128
+    # Minimum output tokens (sent as `min_tokens`, which vLLM and SGLang honour); null: not sent.
+    min_tokens: Optional[int] = None
+    # Ask the server to keep generating past the end-of-sequence token (vLLM, SGLang, llama.cpp).
+    ignore_eos: bool = True
+    # Stream the response as server-sent events; TTFT, TPOT and ITL need streaming.
+    stream: bool = True
+    temperature: Optional[float] = 0.0
+    # Fields merged into every request body, overriding the ones above.
+    extra_body: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(self.max_tokens >= 1, f"request.max_tokens must be >= 1, got {self.max_tokens}")
+        if self.min_tokens is not None:
+            _require(
+                0 <= self.min_tokens <= self.max_tokens,
+                f"request.min_tokens must be between 0 and request.max_tokens ({self.max_tokens}), "
+                f"got {self.min_tokens}",
+            )
+        _require(
+            self.temperature is None or self.temperature >= 0,
+            f"request.temperature must be >= 0 or null, got {self.temperature}",
+        )
+
+
+@dataclass
+class LoadConfig:
+    # Closed loop: the number of requests in flight. Open loop: the cap on requests in flight
+    # (null: no cap).
+    parallel: Optional[int] = 4
+    # Open-loop arrival rate in requests per second; null means closed loop.
+    rate: Optional[float] = None
+    # Open-loop inter-arrival distribution.
+    arrival: Arrival = Arrival.poisson
+    # Gamma arrivals only: shape of the gamma distribution (1 = poisson, < 1 burstier).
+    burstiness: float = 1.0
+    # Measured requests per run (per repeat in an SLA probe).
+    number: int = 100
+    # Requests sent first and left out of every statistic.
+    warmup: int = 0
+    # Seconds after which no new request is sent (null: no time limit).
+    duration: Optional[float] = None
+    # Seed of the arrival schedule.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(
+            self.parallel is None or self.parallel >= 1,
+            f"load.parallel must be >= 1 (or null in open loop), got {self.parallel}",
+        )
+        _require(
+            self.rate is not None or self.parallel is not None,
+            "load.parallel must be set when load.rate is null (closed loop); pass load.parallel=N",
+        )
+        _require(self.rate is None or self.rate > 0, f"load.rate must be > 0 requests/s or null, got {self.rate}")
+        _require(self.burstiness > 0, f"load.burstiness must be > 0, got {self.burstiness}")
+        _require(self.number >= 1, f"load.number must be >= 1, got {self.number}")
+        _require(self.warmup >= 0, f"load.warmup must be >= 0, got {self.warmup}")
+        _require(
+            self.duration is None or self.duration > 0,
+            f"load.duration must be > 0 seconds or null, got {self.duration}",
+        )
+
+    @property
+    def open_loop(self) -> bool:
+        return self.rate is not None
+
+
+@dataclass
+class SearchConfig:
+    # The load knob the SLA search moves.
+    variable: SearchVariable = SearchVariable.parallel
+    # Search range; the start value is load.parallel or load.rate.
+    lower_bound: float = 1
+    upper_bound: float = 512
+    # Repeats of each probe; their samples are pooled.
+    num_runs: int = 3
+    # Bisection stops when the bracket is this narrow: absolute for parallel, relative for rate.
+    parallel_resolution: int = 1
+    rate_resolution: float = 0.05
+    # Measured requests per repeat: at least this many ...
+    min_requests: int = 100
+    # ... and at least this many per unit of load (per concurrency slot or per request/s).
+    requests_per_unit: float = 4.0
+    # ... capped at this many, so probes at high load stay bounded.
+    max_requests: int = 2000
+    # Extra repeats allowed for a probe whose metric lies within noise of a threshold.
+    max_extra_runs: int = 2
+    # Relative band around a threshold that counts as noise (0.05 = 5%).
+    noise_band: float = 0.05
+    # Open loop only: cap on requests in flight during rate probes (null: no cap).
+    rate_parallel_cap: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _require(self.lower_bound > 0, f"search.lower_bound must be > 0, got {self.lower_bound}")
+        _require(
+            self.upper_bound >= self.lower_bound,
+            f"search.upper_bound must be >= search.lower_bound ({self.lower_bound}), got {self.upper_bound}",
+        )
+        _require(self.num_runs >= 1, f"search.num_runs must be >= 1, got {self.num_runs}")
+        _require(
+            self.parallel_resolution >= 1,
+            f"search.parallel_resolution must be >= 1, got {self.parallel_resolution}",
+        )
+        _require(
+            0 < self.rate_resolution < 1,
+            f"search.rate_resolution must be between 0 and 1 (a fraction), got {self.rate_resolution}",
+        )
+        _require(self.min_requests >= 1, f"search.min_requests must be >= 1, got {self.min_requests}")
+        _require(self.requests_per_unit >= 0, f"search.requests_per_unit must be >= 0, got {self.requests_per_unit}")
+        _require(
+            self.max_requests >= self.min_requests,
+            f"search.max_requests must be >= search.min_requests ({self.min_requests}), got {self.max_requests}",
+        )
+        _require(self.max_extra_runs >= 0, f"search.max_extra_runs must be >= 0, got {self.max_extra_runs}")
+        _require(0 <= self.noise_band < 1, f"search.noise_band must be in [0, 1), got {self.noise_band}")
+        _require(
+            self.rate_parallel_cap is None or self.rate_parallel_cap >= 1,
+            f"search.rate_parallel_cap must be >= 1 or null, got {self.rate_parallel_cap}",
+        )
+
+
+@dataclass
+class SlaConfig:
+    # List of rule groups; each group is a mapping metric -> "<op><threshold>" or "max"/"min".
+    # Groups are tuned one by one; the rules inside one group must all hold.
+    rules: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    endpoint: EndpointConfig = field(default_factory=EndpointConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    request: RequestConfig = field(default_factory=RequestConfig)
+    load: LoadConfig = field(default_factory=LoadConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    # Absent unless added with +sla=NAME.
+    sla: Optional[SlaConfig] = None
+    # Show the live progress bar and tables on the console.
+    progress: bool = True
+    # Print tracebacks instead of one-line errors.
+    debug: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sla is not None and self.search.variable is SearchVariable.rate:
+            _require(
+                self.load.rate is not None,
+                "load.rate must be set as the start value when search.variable=rate; pass load.rate=1",
+            )
+        if self.sla is not None and self.search.variable is SearchVariable.parallel:
+            start = self.load.parallel
+            _require(
+                start is not None and self.search.lower_bound <= start <= self.search.upper_bound,
+                f"load.parallel (the search start) must lie within [search.lower_bound, search.upper_bound] "
+                f"= [{self.search.lower_bound:g}, {self.search.upper_bound:g}], got {start}",
+            )
+        if self.sla is not None and self.search.variable is SearchVariable.rate:
+            _require(
+                self.search.lower_bound <= self.load.rate <= self.search.upper_bound,
+                f"load.rate (the search start) must lie within [search.lower_bound, search.upper_bound] "
+                f"= [{self.search.lower_bound:g}, {self.search.upper_bound:g}], got {self.load.rate:g}",
+            )
