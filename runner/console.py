@@ -1,0 +1,148 @@
+"""Console output for people: the progress bar and the result tables.
+
+Every table is built from a summary data frame and rendered by rich, to the terminal and
+again, as plain text, into performance_summary.txt.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any, Iterable, Optional
+
+import pandas as pd
+from rich.console import Console, RenderableType
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+TEXT_WIDTH = 120
+
+
+def _num(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _load_label(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:g}"
+
+
+def _any_client_bound(summary: pd.DataFrame) -> bool:
+    return "client_bound" in summary.columns and bool(summary["client_bound"].fillna(False).astype(bool).any())
+
+
+def metrics_table(summary: pd.DataFrame) -> Table:
+    """Build the "Detailed Performance Metrics" table: one row per load point."""
+    open_loop = summary["rate"].notna().any()
+    table = Table(title="Detailed Performance Metrics", title_style="bold")
+    table.add_column("Conc.", justify="right")
+    if open_loop:
+        table.add_column("Rate", justify="right")
+    for header in ("RPS", "Avg\nLat.(s)", "P99\nLat.(s)", "Gen.\ntoks/s", "Avg\nTTFT(s)", "P99\nTTFT(s)",
+                   "Avg\nTPOT(s)", "P99\nTPOT(s)", "Success\nRate"):
+        table.add_column(header, justify="right")
+    show_bound = _any_client_bound(summary)
+    if show_bound:
+        table.add_column("Client\nbound", justify="center")
+
+    for row in summary.sort_values(["rate" if open_loop else "parallel"]).to_dict("records"):
+        cells = [_load_label(row.get("parallel"))]
+        if open_loop:
+            cells.append(_load_label(row.get("rate")))
+        cells += [
+            _num(row["rps"], 2), _num(row["avg_latency"], 3), _num(row["p99_latency"], 3),
+            _num(row["tps"], 2), _num(row["avg_ttft"], 3), _num(row["p99_ttft"], 3),
+            _num(row["avg_tpot"], 3), _num(row["p99_tpot"], 3), f"{_num(row['success_rate'], 1)}%",
+        ]
+        if show_bound:
+            cells.append("yes" if row.get("client_bound") else "")
+        table.add_row(*cells)
+    return table
+
+
+def best_configuration(summary: pd.DataFrame) -> Optional[Table]:
+    """Build the "Best Performance Configuration" table (highest RPS, lowest latency)."""
+    usable = summary[summary["success_rate"] > 0].dropna(subset=["rps"])
+    if usable.empty:
+        return None
+    open_loop = usable["rate"].notna().any()
+    knob, label = ("rate", "Rate") if open_loop else ("parallel", "Concurrency")
+    fastest = usable.loc[usable["rps"].idxmax()]
+    table = Table(title="Best Performance Configuration", show_header=False, box=None, title_style="bold")
+    table.add_row("Highest RPS", f"{label} {fastest[knob]:g} ({fastest['rps']:.2f} req/sec)")
+    latencies = usable.dropna(subset=["avg_latency"])
+    if not latencies.empty:
+        quickest = latencies.loc[latencies["avg_latency"].idxmin()]
+        table.add_row("Lowest Latency", f"{label} {quickest[knob]:g} ({quickest['avg_latency']:.3f} seconds)")
+    return table
+
+
+def recommendations(summary: pd.DataFrame) -> list[str]:
+    """Return short advice drawn from how throughput and success change with load."""
+    if summary.empty:
+        return []
+    open_loop = summary["rate"].notna().any()
+    knob = "rate" if open_loop else "parallel"
+    ordered = summary.sort_values(knob)
+    advice = []
+    if _any_client_bound(ordered):
+        advice.append("Some load points were client-bound: the client, not the server, limited them; "
+                      "their numbers are not the server's")
+    rps = ordered["rps"].fillna(0).to_numpy()
+    if len(rps) >= 2 and rps[-1] >= 0.95 * rps.max():
+        advice.append(f"The system seems not to have reached its performance bottleneck, try a higher {knob}")
+    elif len(rps) >= 2:
+        best = ordered.iloc[int(rps.argmax())][knob]
+        advice.append(f"Optimal {knob} range is around {best:g}")
+    if (ordered["success_rate"] < 100).any():
+        advice.append("Success rate is below 100% at some load points: check the errors in requests.csv "
+                      "and the server's resources")
+    return advice
+
+
+def recommendations_text(lines: Iterable[str]) -> Text:
+    text = Text("Performance Recommendations:\n", style="bold")
+    for line in lines:
+        text.append(f"• {line}\n", style="")
+    return text
+
+
+def sla_table(rows: list[dict[str, Any]]) -> Table:
+    """Build the "SLA Auto-tune Summary" table from sla_summary rows."""
+    table = Table(title="SLA Auto-tune Summary", title_style="bold")
+    for header in ("Criteria", "Variable", "Max Satisfied", "Bracket", "Probes", "Note"):
+        table.add_column(header)
+    for row in rows:
+        best = row.get("max_satisfied")
+        bracket = f"[{_load_label(row.get('last_pass'))}, {_load_label(row.get('first_fail'))})"
+        table.add_row(str(row["criteria"]), str(row["variable"]), "None" if best is None else f"{best:g}",
+                      bracket, str(row.get("probes", "")), str(row.get("note", "")))
+    return table
+
+
+def render_text(renderables: Iterable[RenderableType]) -> str:
+    """Render rich objects to plain text of TEXT_WIDTH columns, without colour codes."""
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=TEXT_WIDTH, color_system=None, force_terminal=False, record=False)
+    for item in renderables:
+        console.print(item)
+    return buffer.getvalue()
+
+
+def make_progress(console: Console, enabled: bool) -> Progress:
+    """Return a progress display; when disabled it draws nothing."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not enabled,
+        refresh_per_second=4,
+        transient=False,
+    )

@@ -1,0 +1,119 @@
+"""Per-request rows and the statistics of one load point.
+
+A load point's statistics pool the measured (non-warmup) requests of all its repeats and
+compute percentiles over all samples at once, never averaging per-repeat percentiles.
+Percentiles use linear interpolation between closest ranks (numpy's default method).
+Latency, TTFT, TPOT and ITL come from successful requests only; an undefined value (no
+TTFT for an empty output, no TPOT for fewer than two tokens) is left out, never counted as 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import pandas as pd
+
+PERCENTILES = (50, 90, 99)
+TIMED_METRICS = ("latency", "ttft", "tpot", "itl")
+
+# requests.csv columns, in order. `itl` holds the request's inter-token latencies,
+# space-separated, in seconds.
+REQUEST_COLUMNS = [
+    "variable", "value", "repeat", "request_id", "warmup",
+    "scheduled_at", "sent_at", "first_token_at", "ended_at",
+    "ttft", "latency", "tpot", "prompt_tokens", "completion_tokens",
+    "token_source", "finish_reason", "success", "error", "status", "itl",
+]
+
+# summary.csv columns, in order: the contract's columns first, then client-health columns.
+SUMMARY_COLUMNS = (
+    ["parallel", "rate", "requests", "success_rate", "rps", "tps", "total_tps", "goodput"]
+    + [f"{stat}_{metric}" for metric in TIMED_METRICS for stat in ("avg", "p50", "p90", "p99")]
+    + ["runs", "warmup", "failures", "empty_outputs", "duration",
+       "lateness_p50", "lateness_p99", "loop_lag_p99", "client_bound", "client_note"]
+)
+
+
+def describe(values: Iterable[float] | np.ndarray, name: str) -> dict[str, float]:
+    """Return avg_ and pXX_ statistics of ``values`` (NaN for each when there are none)."""
+    array = np.asarray(values, dtype=float)
+    array = array[~np.isnan(array)]
+    if array.size == 0:
+        return {f"avg_{name}": math.nan} | {f"p{p}_{name}": math.nan for p in PERCENTILES}
+    stats = {f"avg_{name}": float(array.mean())}
+    for p, value in zip(PERCENTILES, np.percentile(array, PERCENTILES)):
+        stats[f"p{p}_{name}"] = float(value)
+    return stats
+
+
+def measured_window(frame: pd.DataFrame) -> float:
+    """Sum over repeats of (last end - first send) of the measured requests, in seconds."""
+    total = 0.0
+    for _, repeat in frame.groupby("repeat", sort=False):
+        sent = repeat["sent_at"].dropna()
+        ended = repeat["ended_at"].dropna()
+        if len(sent) and len(ended):
+            total += max(float(ended.max()) - float(sent.min()), 0.0)
+    return total
+
+
+def meets_bounds(frame: pd.DataFrame, bounds: dict[str, float]) -> pd.Series:
+    """Return which rows are successful and within every per-request bound.
+
+    Bounds are keyed by ``ttft``, ``tpot``, ``latency`` or ``itl``; a request's ITL is its
+    mean inter-token latency. An undefined value (no TPOT for one token) passes its bound,
+    because the request has nothing to measure there.
+    """
+    passing = frame["success"].astype(bool)
+    for key, bound in bounds.items():
+        values = frame["itl"].map(_mean_or_nan) if key == "itl" else frame[key]
+        passing &= values.isna() | (values <= bound)
+    return passing
+
+
+def _mean_or_nan(samples: Any) -> float:
+    return float(np.mean(samples)) if len(samples) else math.nan
+
+
+def summarize(frame: pd.DataFrame, bounds: Optional[dict[str, float]] = None) -> dict[str, Any]:
+    """Compute one summary.csv row (without the load columns) from request rows.
+
+    ``frame`` has the in-memory request columns (``itl`` as a sequence of floats); warmup
+    rows are dropped here. ``bounds`` are the per-request bounds that define goodput; with
+    none, goodput equals rps.
+    """
+    measured = frame[~frame["warmup"].astype(bool)]
+    requests = len(measured)
+    ok = measured[measured["success"].astype(bool)]
+    window = measured_window(measured)
+
+    def per_second(amount: float) -> float:
+        return amount / window if window > 0 else math.nan
+
+    row: dict[str, Any] = {
+        "requests": requests,
+        "success_rate": 100.0 * len(ok) / requests if requests else math.nan,
+        "rps": per_second(len(ok)),
+        "tps": per_second(float(ok["completion_tokens"].fillna(0).sum())),
+        "total_tps": per_second(float((ok["completion_tokens"].fillna(0) + ok["prompt_tokens"].fillna(0)).sum())),
+        "goodput": per_second(int(meets_bounds(ok, bounds or {}).sum())),
+    }
+    row |= describe(ok["latency"], "latency")
+    row |= describe(ok["ttft"], "ttft")
+    row |= describe(ok["tpot"], "tpot")
+    itl = np.concatenate([np.asarray(s, dtype=float) for s in ok["itl"]]) if len(ok) else np.array([])
+    row |= describe(itl, "itl")
+
+    lateness = (measured["sent_at"] - measured["scheduled_at"]).dropna()
+    row |= {
+        "runs": int(measured["repeat"].nunique()) if requests else 0,
+        "warmup": int(len(frame) - requests),
+        "failures": int(requests - len(ok)),
+        "empty_outputs": int((ok["completion_tokens"].fillna(0) == 0).sum()),
+        "duration": window,
+        "lateness_p50": float(np.percentile(lateness, 50)) if len(lateness) else math.nan,
+        "lateness_p99": float(np.percentile(lateness, 99)) if len(lateness) else math.nan,
+    }
+    return row

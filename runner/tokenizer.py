@@ -1,0 +1,59 @@
+"""Tokenizer loading: a bundled name, a local directory or a hub id."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+from runner.errors import DataError
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "tokenizers"
+
+
+def bundled_names() -> list[str]:
+    return sorted(entry.name for entry in BUNDLED_DIR.iterdir() if entry.is_dir())
+
+
+def resolve_tokenizer_path(spec: str) -> str:
+    """Return the directory or hub id that ``spec`` names; bundled names win over hub ids."""
+    if (BUNDLED_DIR / spec).is_dir():
+        return str(BUNDLED_DIR / spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return str(path)
+    # A hub id is "name" or "org/name"; anything else is meant as a local path.
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1
+    if looks_like_path or path.exists():
+        raise DataError(
+            f"model.tokenizer: no tokenizer directory at {spec!r}; pass an existing directory, "
+            f"a hub id, or one of the bundled names: {', '.join(bundled_names())}"
+        )
+    return spec
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(spec: str) -> Any:
+    """Load a Hugging Face tokenizer (no model weights); raise DataError naming ``spec`` on failure."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers import AutoTokenizer  # imported late: it takes about a second
+
+    source = resolve_tokenizer_path(spec)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"model.tokenizer: cannot load {spec!r} ({first_line}); pass a local tokenizer directory "
+            f"or one of the bundled names: {', '.join(bundled_names())}"
+        ) from exc
+
+
+def token_counter(tokenizer: Any):
+    """Return a function that counts the tokens of a text, special tokens excluded."""
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    return count
