@@ -1,0 +1,91 @@
+"""Statistics of one load point, checked against values computed by hand."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from runner.metrics import describe, meets_bounds, summarize
+
+
+def row(request_id, *, sent, ended, ttft=None, tpot=None, tokens=10, prompt=100, success=True,
+        warmup=False, repeat=0, itl=(), scheduled=None):
+    return {
+        "request_id": request_id, "repeat": repeat, "warmup": warmup, "success": success,
+        "scheduled_at": sent if scheduled is None else scheduled, "sent_at": sent, "ended_at": ended,
+        "latency": ended - sent if success else None, "ttft": ttft, "tpot": tpot,
+        "completion_tokens": tokens, "prompt_tokens": prompt, "itl": list(itl),
+    }
+
+
+def test_describe_linear_percentiles():
+    stats = describe([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0], "ttft")
+    assert stats["avg_ttft"] == pytest.approx(5.5)
+    assert stats["p50_ttft"] == pytest.approx(5.5)
+    assert stats["p90_ttft"] == pytest.approx(9.1)
+    assert stats["p99_ttft"] == pytest.approx(9.91)
+
+
+def test_describe_skips_undefined():
+    stats = describe([math.nan, 2.0, math.nan, 4.0], "tpot")
+    assert stats["avg_tpot"] == pytest.approx(3.0)
+    assert math.isnan(describe([math.nan], "tpot")["p99_tpot"])
+
+
+def test_summary_excludes_warmup_and_failures():
+    frame = pd.DataFrame([
+        row(0, sent=0.0, ended=50.0, ttft=45.0, tpot=0.5, warmup=True),
+        row(1, sent=1.0, ended=3.0, ttft=1.0, tpot=0.1, itl=[0.1, 0.1]),
+        row(2, sent=2.0, ended=5.0, ttft=1.0, tpot=0.2, itl=[0.2, 0.2, 0.2]),
+        row(3, sent=3.0, ended=4.0, success=False, tokens=2),
+    ])
+    summary = summarize(frame)
+    assert summary["requests"] == 3
+    assert summary["warmup"] == 1
+    assert summary["failures"] == 1
+    assert summary["success_rate"] == pytest.approx(200 / 3)
+    # Window: first measured send (1.0) to last measured end (5.0).
+    assert summary["duration"] == pytest.approx(4.0)
+    assert summary["rps"] == pytest.approx(2 / 4.0)
+    assert summary["tps"] == pytest.approx(20 / 4.0)
+    assert summary["total_tps"] == pytest.approx(220 / 4.0)
+    assert summary["p99_ttft"] == pytest.approx(1.0)
+    assert summary["avg_latency"] == pytest.approx(2.5)
+    assert summary["avg_itl"] == pytest.approx(0.16)
+    assert summary["goodput"] == pytest.approx(summary["rps"])
+
+
+def test_repeats_pool_samples_and_windows():
+    frame = pd.DataFrame([
+        row(0, sent=0.0, ended=1.0, ttft=0.1, repeat=0),
+        row(1, sent=0.5, ended=2.0, ttft=0.2, repeat=0),
+        row(2, sent=10.0, ended=11.0, ttft=0.3, repeat=1),
+        row(3, sent=10.0, ended=13.0, ttft=0.4, repeat=1),
+    ])
+    summary = summarize(frame)
+    # Windows 2.0 + 3.0; the idle gap between repeats does not count.
+    assert summary["duration"] == pytest.approx(5.0)
+    assert summary["rps"] == pytest.approx(4 / 5.0)
+    # Pooled samples [0.1, 0.2, 0.3, 0.4], never the mean of per-repeat percentiles.
+    assert summary["p50_ttft"] == pytest.approx(0.25)
+    assert summary["p99_ttft"] == pytest.approx(0.397)
+    assert summary["runs"] == 2
+
+
+def test_goodput_counts_requests_within_bounds():
+    frame = pd.DataFrame([
+        row(0, sent=0.0, ended=2.0, ttft=0.1, tpot=0.01),
+        row(1, sent=0.0, ended=2.0, ttft=0.6, tpot=0.01),
+        row(2, sent=0.0, ended=2.0, ttft=0.2, tpot=0.09),
+        row(3, sent=0.0, ended=2.0, ttft=0.2, tpot=None, tokens=1),
+    ])
+    passing = meets_bounds(frame, {"ttft": 0.5, "tpot": 0.05})
+    assert passing.tolist() == [True, False, False, True]
+    assert summarize(frame, {"ttft": 0.5, "tpot": 0.05})["goodput"] == pytest.approx(2 / 2.0)
+
+
+def test_lateness_percentiles():
+    frame = pd.DataFrame([row(i, sent=i + 0.01 * i, ended=i + 5.0, scheduled=float(i)) for i in range(11)])
+    summary = summarize(frame)
+    assert summary["lateness_p50"] == pytest.approx(0.05)
+    assert summary["lateness_p99"] == pytest.approx(0.099)
