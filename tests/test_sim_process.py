@@ -1,0 +1,82 @@
+"""The simulated server as a child process: start, stop, start-up failures, command line."""
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from runner.errors import EndpointError
+from runner.sim.process import start_sim
+
+# Health and completion calls go straight to 127.0.0.1, never through a configured proxy.
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); its state letter in /proc says it has exited.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(") ")[1][0] != "Z"
+
+
+def post_json(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with OPENER.open(request, timeout=10) as response:
+        return json.load(response)
+
+
+def test_start_sim_serves_and_stops(tmp_path):
+    log_path = tmp_path / "sim.jsonl"
+    with start_sim("fast", seed=1, model="sim-model", log_path=str(log_path)) as sim:
+        pid = sim.pid
+        assert sim.base_url.startswith("http://127.0.0.1:")
+        with OPENER.open(f"{sim.base_url}/health", timeout=5) as response:
+            assert response.status == 200
+        body = post_json(f"{sim.base_url}/v1/completions", {"model": "sim-model", "prompt": "hi", "max_tokens": 3})
+        assert body["usage"]["completion_tokens"] == 3
+    assert not process_exists(pid)
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [record["completion_tokens"] for record in records] == [3]
+
+
+def test_start_sim_stops_after_exception():
+    with pytest.raises(RuntimeError, match="inside"):
+        with start_sim("fast") as sim:
+            pid = sim.pid
+            raise RuntimeError("inside the block")
+    assert not process_exists(pid)
+
+
+def test_explicit_stop_is_idempotent():
+    sim = start_sim("fast")
+    sim.stop()
+    sim.stop()
+    assert not sim.running()
+
+
+def test_start_failure_reports_stderr(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("step_base: 0.001\nwarp_speed: 9\n")
+    with pytest.raises(EndpointError, match="unknown key warp_speed"):
+        start_sim(str(bad), startup_timeout=60)
+
+
+def test_command_line_bad_profile_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_num_seqs: 0\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "runner.sim", "--port", "0", "--profile", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert "max_num_seqs=0" in result.stderr
