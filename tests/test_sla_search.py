@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 
 import pytest
 
-from runner.config import SearchConfig, SearchVariable
+from runner.config import LoadConfig, RunConfig, SearchConfig, SearchVariable, SlaConfig
 from runner.errors import ConfigError
 from runner.sla.probe import ProbeResult
 from runner.sla.rules import parse_rules
@@ -292,11 +292,30 @@ async def test_row_columns():
 
 async def test_from_config_uses_search_settings():
     prober = FakeProber()
-    search = SearchConfig(variable=SearchVariable.parallel, lower_bound=1, upper_bound=64, num_runs=2, noise_band=0.0)
-    tuner = SlaTuner.from_config(parse_rules([{"p99_ttft": "<=0.375"}]), search, start=2, prober=prober)
+    config = RunConfig(
+        load=LoadConfig(parallel=2),
+        search=SearchConfig(variable=SearchVariable.parallel, lower_bound=1, upper_bound=64, num_runs=2, noise_band=0),
+        sla=SlaConfig(rules=[{"p99_ttft": "<=0.375"}]),
+    )
+    tuner = SlaTuner.from_config(parse_rules(config.sla.rules), config, prober)
     (answer,) = await tuner.run()
+    assert prober.values[0] == 2
     assert answer.max_satisfied == 37
     assert {runs for _, runs in prober.calls} == {2}
+
+
+async def test_from_config_rate_starts_at_load_rate():
+    prober = FakeProber()
+    config = RunConfig(
+        load=LoadConfig(parallel=None, rate=1.5),
+        search=SearchConfig(variable=SearchVariable.rate, lower_bound=0.5, upper_bound=64, noise_band=0),
+        sla=SlaConfig(rules=[{"p99_ttft": "<=0.2345"}]),
+    )
+    tuner = SlaTuner.from_config(parse_rules(config.sla.rules), config, prober)
+    (answer,) = await tuner.run()
+    assert prober.values[0] == 1.5
+    assert answer.variable == "rate"
+    assert 23.45 / 1.05 <= answer.max_satisfied <= 23.45
 
 
 # -- objective groups ----------------------------------------------------------------------

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from runner.config import SearchConfig, SearchVariable
+from runner.config import RunConfig, SearchVariable
 from runner.errors import ConfigError
 from runner.sla.probe import GroupAnswer, Prober, ProbeResult, TuneEvent, Verdict
 from runner.sla.rules import RuleGroup
@@ -120,14 +120,18 @@ class SlaTuner:
     def from_config(
         cls,
         groups: list[RuleGroup],
-        search: SearchConfig,
-        *,
-        start: float,
+        config: RunConfig,
         prober: Prober,
+        *,
         on_event: Callable[[TuneEvent], None] | None = None,
     ) -> SlaTuner:
-        """Build a tuner from ``search.*`` settings; ``start`` is load.parallel or load.rate."""
+        """Build a tuner from ``search.*``, starting at load.parallel or load.rate."""
+        search = config.search
         parallel = search.variable is SearchVariable.parallel
+        start = config.load.parallel if parallel else config.load.rate
+        if start is None:
+            key = "load.parallel" if parallel else "load.rate"
+            raise ConfigError(f"{key} must be set as the search start for search.variable={search.variable.value}")
         return cls(
             groups,
             variable=search.variable,
@@ -157,7 +161,10 @@ class SlaTuner:
             answer.seconds = state.ended - state.started
             state.answer = answer
             logger.info("SLA group %s (%s): %s, %s", state.index, answer.criteria, answer.max_satisfied, answer.note)
-            self._emit(TuneEvent("answer", state.index, answer.criteria, value=answer.max_satisfied, answer=answer))
+            self._emit(
+                TuneEvent("answer", state.index, answer.criteria, value=answer.max_satisfied,
+                          last_pass=answer.last_pass, first_fail=answer.first_fail, answer=answer)
+            )
         return self.answers()
 
     def answers(self) -> list[GroupAnswer]:
