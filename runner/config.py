@@ -128,6 +128,8 @@ class DatasetConfig:
     num_prompts: Optional[int] = None
     # Seed for prompt generation and sampling.
     seed: int = 0
+    # sharegpt only: send the first reply's token count as each prompt's max_tokens.
+    use_reply_length: bool = False
 
     def __post_init__(self) -> None:
         _require(self.min_prompt_length >= 1, f"dataset.min_prompt_length must be >= 1, got {self.min_prompt_length}")

@@ -7,18 +7,21 @@ import json
 from typing import Any
 
 from runner.client.record import Prompt
-from runner.config import DatasetConfig, DatasetKind
+from runner.config import Api, DatasetConfig, DatasetKind
+from runner.data.files import file_prompts
 from runner.data.random_prompts import random_prompts
-from runner.errors import ConfigError
 
 
-def build_prompts(config: DatasetConfig, tokenizer: Any, count: int) -> list[Prompt]:
-    """Return ``config.num_prompts`` prompts, or ``count`` when that is unset."""
+def build_prompts(config: DatasetConfig, tokenizer: Any, count: int, api: Api = Api.chat) -> list[Prompt]:
+    """Return ``config.num_prompts`` prompts, or ``count`` when that is unset.
+
+    ``api`` is the endpoint's API: file prompts are length-filtered with the chat template
+    applied for ``Api.chat`` and as plain text for ``Api.completions``.
+    """
     wanted = config.num_prompts or count
     if config.kind is DatasetKind.random:
         return random_prompts(config, tokenizer, wanted)
-    # TODO: file-based datasets (sharegpt, line_by_line, jsonl) are not built yet.
-    raise ConfigError(f"dataset={config.kind.value} is not supported yet; use dataset=random")
+    return file_prompts(config, tokenizer, wanted, api)
 
 
 def fingerprint(prompts: list[Prompt]) -> str:
