@@ -62,19 +62,19 @@ def measured_window(frame: pd.DataFrame) -> float:
 def meets_bounds(frame: pd.DataFrame, bounds: dict[str, float]) -> pd.Series:
     """Return which rows are successful and within every per-request bound.
 
-    Bounds are keyed by ``ttft``, ``tpot``, ``latency`` or ``itl``; a request's ITL is its
-    mean inter-token latency. An undefined value (no TPOT for one token) passes its bound,
-    because the request has nothing to measure there.
+    Bounds are keyed by ``ttft``, ``tpot``, ``latency`` or ``itl``, and an ``itl`` bound
+    applies to every inter-token gap of the request. An undefined value (no TPOT for one
+    token) passes its bound, because the request has nothing to measure there.
     """
     passing = frame["success"].astype(bool)
     for key, bound in bounds.items():
-        values = frame["itl"].map(_mean_or_nan) if key == "itl" else frame[key]
+        values = frame["itl"].map(_max_or_nan) if key == "itl" else frame[key]
         passing &= values.isna() | (values <= bound)
     return passing
 
 
-def _mean_or_nan(samples: Any) -> float:
-    return float(np.mean(samples)) if len(samples) else math.nan
+def _max_or_nan(samples: Any) -> float:
+    return float(np.max(samples)) if len(samples) else math.nan
 
 
 def summarize(frame: pd.DataFrame, bounds: Optional[dict[str, float]] = None) -> dict[str, Any]:

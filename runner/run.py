@@ -121,7 +121,7 @@ class LoadPointProber:
         outcome = await run_load(plan, self.client, self.prompts, on_record)
         self.loop_lag.setdefault(value, []).extend(outcome.loop_lag)
         self.repeats[value] = repeat + 1
-        self.progress.update(task, status="done")
+        self.progress.remove_task(task)
         self.writer.flush()
 
     async def ensure(self, value: float, runs: int) -> None:
@@ -176,7 +176,7 @@ def prompt_count(config: RunConfig) -> int:
 async def _measure(config: RunConfig, out_dir: Path, console: Console, result: dict[str, Any]) -> None:
     """Measure into ``result``, which the caller keeps, so an interrupted run can still report."""
     tokenizer = load_tokenizer(config.model.tokenizer)
-    prompts = build_prompts(config.dataset, tokenizer, prompt_count(config))
+    prompts = build_prompts(config.dataset, tokenizer, prompt_count(config), config.endpoint.api)
     count_tokens = token_counter(tokenizer)
     result["fingerprint"] = fingerprint(prompts)
     groups = None
@@ -184,6 +184,7 @@ async def _measure(config: RunConfig, out_dir: Path, console: Console, result: d
         from runner.sla.rules import parse_rules
 
         groups = parse_rules(config.sla.rules)  # invalid rules fail here, before any load
+        result["groups"] = groups
     pool_size = _pool_size(config)
 
     with open_endpoint(config) as base_url, RequestsWriter(out_dir / "requests.csv") as writer:
@@ -198,13 +199,31 @@ async def _measure(config: RunConfig, out_dir: Path, console: Console, result: d
                 else:
                     from runner.sla.search import SlaTuner
 
-                    tuner = SlaTuner.from_config(groups, config, prober, on_event=_log_event)
+                    status = progress.add_task("SLA search", total=None, status="")
+
+                    def show(event: Any) -> None:
+                        progress.update(status, description=describe_tune_event(event))
+
+                    tuner = SlaTuner.from_config(groups, config, prober, on_event=show)
                     result["tuner"] = tuner
                     await tuner.run()
 
 
-def _log_event(event: Any) -> None:
-    log.info("%s", event)
+def describe_tune_event(event: Any) -> str:
+    """Return one line for the progress display: the probe, its verdict and the bracket."""
+    head = f"SLA {event.group + 1}: {event.criteria}"
+    if event.kind == "probe":
+        return f"{head} | probing {event.value:g}"
+    if event.kind == "verdict":
+        detail = "; ".join(event.violations) or event.client_note
+        verdict = event.verdict.value + (f" ({detail})" if detail else "")
+        return f"{head} | {event.value:g} {verdict} | bracket [{_fmt(event.last_pass)}, {_fmt(event.first_fail)})"
+    answer = event.answer
+    return f"{head} | max satisfied {_fmt(answer.max_satisfied)}: {answer.note}"
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "none" if value is None else f"{value:g}"
 
 
 def _pool_size(config: RunConfig) -> int:
@@ -218,7 +237,11 @@ def _pool_size(config: RunConfig) -> int:
 
 def execute(config: RunConfig, out_dir: Path, console: Optional[Console] = None) -> int:
     """Run the measurement described by ``config`` into ``out_dir``; return the exit code."""
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            # Piped or redirected output keeps the full table width instead of rich's 80 columns.
+            console = Console(width=views.TEXT_WIDTH)
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {}
     try:
@@ -229,9 +252,19 @@ def execute(config: RunConfig, out_dir: Path, console: Optional[Console] = None)
     return 0
 
 
+def tightest_bounds(groups: list[Any]) -> dict[str, float]:
+    """Merge the per-request bounds of all rule groups, keeping the tightest of each kind."""
+    bounds: dict[str, float] = {}
+    for group in groups:
+        for key, bound in group.per_request_bounds().items():
+            bounds[key] = min(bound, bounds.get(key, bound))
+    return bounds
+
+
 def write_reports(config: RunConfig, result: dict[str, Any], out_dir: Path, console: Console) -> None:
     prober: LoadPointProber = result["prober"]
-    summary = write_summary(prober.summary_frame().to_dict("records"), out_dir / "summary.csv")
+    bounds = tightest_bounds(result.get("groups") or [])
+    summary = write_summary(prober.summary_frame(bounds).to_dict("records"), out_dir / "summary.csv")
     renderables: list[Any] = [views.metrics_table(summary)]
     best = views.best_configuration(summary)
     if best is not None:
