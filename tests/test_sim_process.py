@@ -4,13 +4,17 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
+import runner
 from runner.errors import EndpointError
 from runner.sim.process import start_sim
 
+PACKAGE_ROOT = Path(runner.__file__).resolve().parent.parent
 # Health and completion calls go straight to 127.0.0.1, never through a configured proxy.
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -20,9 +24,12 @@ def process_exists(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # A zombie still answers kill(0); its state letter in /proc says it has exited.
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().split(") ")[1][0] != "Z"
+    # A zombie passes the kill(0) check, but its state letter Z in /proc shows it has exited.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def post_json(url: str, body: dict) -> dict:
@@ -80,3 +87,22 @@ def test_command_line_bad_profile_one_line(tmp_path):
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1
     assert "max_num_seqs=0" in result.stderr
+
+
+def test_child_exits_when_parent_dies():
+    # The parent starts a server and exits without stopping it, as if it were killed.
+    script = (
+        "import os, sys\n"
+        "from runner.sim.process import start_sim\n"
+        "sim = start_sim('fast')\n"
+        "print(sim.pid, flush=True)\n"
+        "os._exit(0)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=PACKAGE_ROOT
+    )
+    pid = int(result.stdout.strip())
+    deadline = time.monotonic() + 10
+    while process_exists(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not process_exists(pid)

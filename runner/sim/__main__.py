@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -48,7 +49,8 @@ async def serve(args: argparse.Namespace) -> None:
         sock.close()
         raise EndpointError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); pass another --port") from None
     port = sock.getsockname()[1]
-    app_runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # Streams still open one second after SIGTERM are cancelled, so a stop waits about one second for them at most.
+    app_runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await app_runner.setup()
     try:
         await web.SockSite(app_runner, sock, backlog=1024).start()
@@ -67,7 +69,9 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def _wait_for_stdin_close(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
-    while sys.stdin.buffer.read(4096):
+    # os.read on the raw descriptor, because a daemon thread blocked inside sys.stdin's buffered
+    # reader holds its lock and makes interpreter shutdown abort.
+    while os.read(0, 4096):
         pass
     loop.call_soon_threadsafe(stop.set)
 

@@ -129,11 +129,13 @@ class EngineCore:
         decoding = [seq for seq in self.running if seq.prefilled == seq.prompt_tokens]
         budget = profile.max_batched_tokens - len(decoding)
         chunks: list[tuple[Sequence, int]] = []
+
         for seq in self.running:
             if seq.prefilled < seq.prompt_tokens and budget > 0:
                 chunk = min(seq.prompt_tokens - seq.prefilled, budget)
                 chunks.append((seq, chunk))
                 budget -= chunk
+
         while self.waiting and budget > 0 and len(self.running) < profile.max_num_seqs:
             seq = self.waiting[0]
             if self.kv_used + seq.kv_tokens > profile.kv_cache_tokens:
@@ -145,6 +147,7 @@ class EngineCore:
             chunk = min(seq.prompt_tokens, budget)
             chunks.append((seq, chunk))
             budget -= chunk
+
         if not self.running:
             self._step = None
             return None

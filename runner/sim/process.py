@@ -89,8 +89,8 @@ def start_sim(
 ) -> SimProcess:
     """Start the simulated server on a free 127.0.0.1 port and wait until /health returns 200.
 
-    Raises EndpointError with the child's last stderr lines when it exits or does not become
-    healthy within ``startup_timeout`` seconds; the child is stopped in both cases.
+    Raises EndpointError with the child's last stderr lines when the child exits during start-up
+    or is not healthy within ``startup_timeout`` seconds. The child is stopped in both cases.
     """
     command = [sys.executable, "-m", "runner.sim", "--port", "0", "--host", "127.0.0.1"]
     command += ["--profile", profile, "--seed", str(seed), "--model", model, "--stop-on-stdin-close"]
@@ -104,7 +104,7 @@ def start_sim(
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     stdout = tempfile.NamedTemporaryFile(prefix="sim-stdout-", suffix=".txt")
     stderr = tempfile.NamedTemporaryFile(prefix="sim-stderr-", suffix=".txt")
-    # The child holds the read end of stdin and exits when it closes, even if this process is killed.
+    # The child exits when its stdin pipe closes, which also happens when this process is killed.
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=stdout, stderr=stderr, env=env)
     sim = SimProcess(process, stdout, stderr)
     try:

@@ -21,11 +21,11 @@ PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
 @dataclass(frozen=True)
 class FaultRates:
-    """Fractions (0 to 1) of requests that get each kind of fault instead of a normal answer."""
+    """Fractions (0 to 1) of requests that get each kind of fault instead of a normal response."""
 
-    # Answered 429 Too Many Requests with an OpenAI-style error body.
+    # Fraction rejected with 429 Too Many Requests and an OpenAI-style error body.
     rate_limited: float = 0.0
-    # Answered 503 Service Unavailable with a Retry-After header.
+    # Fraction rejected with 503 Service Unavailable and a Retry-After header.
     unavailable: float = 0.0
     # Stream cut (connection closed) after part of the tokens.
     reset_mid_stream: float = 0.0
@@ -146,7 +146,7 @@ def profile_from_dict(data: dict[str, Any], *, name: str = "custom", source: str
     try:
         return SimProfile(name=name, faults=FaultRates(**fault_values), **values)
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        raise ConfigError(f"sim profile {source}: {str(exc).removeprefix('sim profile ')}") from None
 
 
 def _typed_values(cls: type, data: dict[str, Any], source: str, prefix: str) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """aiohttp application of the simulated OpenAI-compatible server.
 
-Handlers parse a request, hand a ``Sequence`` to the single engine task and then wait for its
-tokens; the engine only updates counters and wakes handlers, so it never waits on a socket.
+Handlers parse a request, hand a ``Sequence`` to the single engine task and wait for its tokens.
+The engine only updates counters and wakes handlers, so it never waits on a socket.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional
 
 from aiohttp import web
 
 from runner.sim.engine import Engine, Sequence, plan_output
+from runner.sim.faults import EARLY_FAULTS, MALFORMED_CHUNK, MID_STREAM_FAULTS, Fault, cut_point, draw_fault, early_response
 from runner.sim.ground_truth import GroundTruthLog
 from runner.sim.profile import SimProfile
 from runner.sim.tokens import TokenText, resolve_tokenizer, token_text
@@ -141,8 +142,17 @@ class _Trace:
     first_token_at: Optional[float] = None
     chunk_written_at: list[float] = field(default_factory=list)
     prompt_tokens: Optional[int] = None
+    fault: Optional[Fault] = None
 
-    def record(self, seq: Optional[Sequence], *, status: str, http_status: int, finish_reason=None, error="") -> dict:
+    def record(
+        self,
+        seq: Optional[Sequence],
+        *,
+        status: str,
+        http_status: int,
+        finish_reason: Optional[str] = None,
+        error: str = "",
+    ) -> dict[str, Any]:
         return {
             "request_id": self.request_id,
             "client_request_id": self.client_request_id,
@@ -158,8 +168,30 @@ class _Trace:
             "finish_reason": finish_reason,
             "status": status,
             "http_status": http_status,
+            "fault": self.fault.value if self.fault else None,
             "error": error,
         }
+
+
+@dataclass(slots=True)
+class _Job:
+    """One accepted request: its engine sequence and what its response is made of."""
+
+    state: SimState
+    params: CompletionParams
+    trace: _Trace
+    seq: Sequence
+    wakeup: _Wakeup
+    fmt: StreamFormat
+    # Indices into TokenText.words of the tokens to send.
+    words: list[int]
+    finish_reason: str
+    # The streamed response once its headers are sent.
+    response: Optional[web.StreamResponse] = None
+
+
+class _ConnectionCut(Exception):
+    """The server closed the connection on purpose to inject a fault."""
 
 
 async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
@@ -183,76 +215,106 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
                 code="context_length_exceeded",
             )
     except InvalidRequest as exc:
-        if state.log is not None:
-            state.log.write(trace.record(None, status="rejected", http_status=exc.status, error=exc.message))
+        _log(state, trace.record(None, status="rejected", http_status=exc.status, error=exc.message))
         logger.debug("rejected request %s: %s", trace.request_id, exc.message)
         body = error_body(exc.message, code=exc.code, param=exc.param)
         return web.Response(status=exc.status, body=dumps(body), content_type="application/json")
 
     trace.stream = params.stream
     trace.prompt_tokens = params.prompt_tokens
+    # Faults draw from their own generator so that enabling them leaves the texts unchanged.
+    trace.fault = draw_fault(state.profile.faults, random.Random(f"{state.seed}/fault/{number}"))
+    if trace.fault in EARLY_FAULTS:
+        response = early_response(trace.fault)
+        _log(state, trace.record(None, status="fault", http_status=response.status))
+        return response
+    if trace.fault is Fault.headers_delayed:
+        await asyncio.sleep(state.profile.faults.headers_delay_seconds)
+
     rng = random.Random(f"{state.seed}/{number}")
     target, finish_reason = plan_output(
         rng, params.max_tokens, params.min_tokens, params.ignore_eos, state.profile.eos_probability
     )
-    words = state.text.draw(rng, target)
     seq = Sequence(trace.request_id, params.prompt_tokens, params.max_tokens, target, arrived_at)
     wakeup = _Wakeup(only_when_done=not params.stream)
     seq.on_token = wakeup
     fmt = StreamFormat(chat, trace.request_id, int(time.time()), state.model)
+    job = _Job(state, params, trace, seq, wakeup, fmt, state.text.draw(rng, target), finish_reason)
     state.engine.submit(seq)
     try:
         if params.stream:
-            response = await _stream(request, state, seq, wakeup, fmt, words, finish_reason, params, trace)
+            response = await _stream(request, job)
         else:
-            response = await _whole(state, seq, wakeup, fmt, words, finish_reason)
+            response = await _whole(request, job)
+    except _ConnectionCut:
+        _log(state, trace.record(seq, status="fault", http_status=200))
+        # A prepared response is returned as it is; aiohttp skips writing to the closed transport.
+        return job.response or web.Response(status=200)
     except (asyncio.CancelledError, ConnectionResetError) as exc:
         state.engine.abort(seq)
-        if state.log is not None:
-            state.log.write(trace.record(seq, status="aborted", http_status=200, error="client disconnected"))
-        logger.debug("request %s aborted after %s tokens", trace.request_id, seq.generated)
+        reason = "client disconnected" if isinstance(exc, ConnectionResetError) else "cancelled by server shutdown"
+        _log(state, trace.record(seq, status="aborted", http_status=200, error=reason))
+        logger.debug("request %s aborted after %s tokens: %s", trace.request_id, seq.generated, reason)
         if isinstance(exc, asyncio.CancelledError):
             raise
         return web.Response(status=499)
-    if state.log is not None:
-        state.log.write(trace.record(seq, status="ok", http_status=200, finish_reason=finish_reason))
+    status = "fault" if trace.fault and trace.fault is not Fault.headers_delayed else "ok"
+    _log(state, trace.record(seq, status=status, http_status=200, finish_reason=finish_reason))
     return response
 
 
-async def _whole(
-    state: SimState, seq: Sequence, wakeup: _Wakeup, fmt: StreamFormat, words: list[int], finish_reason: str
-) -> web.Response:
-    while not seq.done:
-        await wakeup.wait()
-    body = full_response(fmt, state.text.text(words), finish_reason, seq.prompt_tokens, seq.generated)
-    return web.Response(body=dumps(body), content_type="application/json")
+def _log(state: SimState, record: dict[str, Any]) -> None:
+    if state.log is not None:
+        state.log.write(record)
 
 
-async def _stream(
-    request: web.Request,
-    state: SimState,
-    seq: Sequence,
-    wakeup: _Wakeup,
-    fmt: StreamFormat,
-    words: list[int],
-    finish_reason: str,
-    params: CompletionParams,
-    trace: _Trace,
-) -> web.StreamResponse:
+async def _cut_connection(request: web.Request, job: _Job) -> None:
+    """Free the sequence, then close the connection at once (reset) or after a silence (stall)."""
+    job.state.engine.abort(job.seq)
+    if job.trace.fault is Fault.stalled:
+        await asyncio.sleep(job.state.profile.faults.stall_seconds)
+    if request.transport is not None:
+        request.transport.abort()
+    raise _ConnectionCut()
+
+
+async def _whole(request: web.Request, job: _Job) -> web.Response:
+    while not job.seq.done:
+        await job.wakeup.wait()
+    fault = job.trace.fault
+    if fault in (Fault.reset_mid_stream, Fault.stalled):
+        await _cut_connection(request, job)
+    text = job.state.text.text(job.words)
+    body = dumps(full_response(job.fmt, text, job.finish_reason, job.seq.prompt_tokens, job.seq.generated))
+    if fault in (Fault.malformed_chunk, Fault.no_terminal_event):
+        # A body cut in half is the whole-response form of a broken or unfinished stream.
+        body = body[: len(body) // 2]
+    return web.Response(body=body, content_type="application/json")
+
+
+async def _stream(request: web.Request, job: _Job) -> web.StreamResponse:
+    seq, fmt, trace = job.seq, job.fmt, job.trace
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
+    job.response = response
+
     if fmt.chat:
         await response.write(fmt.role_chunk())
-    word_bytes = state.text.word_bytes
-    keep_times = state.log is not None
+    word_bytes = job.state.text.word_bytes
+    keep_times = job.state.log is not None
+    # Tokens sent before a mid-stream fault; past the end when there is none.
+    cut = cut_point(seq.target_tokens) if trace.fault in MID_STREAM_FAULTS else seq.target_tokens + 1
+    terminal = trace.fault is not Fault.no_terminal_event
     written = 0
+
     while True:
-        generated = seq.generated
+        generated = min(seq.generated, cut) if written < cut else seq.generated
         if generated > written:
-            finished = seq.finished_at is not None
-            data = fmt.token_chunks([word_bytes[index] for index in words[written:generated]], finish_reason if finished else None)
-            if finished:
-                if params.include_usage:
+            finished = seq.finished_at is not None and generated == seq.generated
+            reason = job.finish_reason if finished and terminal else None
+            data = fmt.token_chunks([word_bytes[index] for index in job.words[written:generated]], reason)
+            if finished and terminal:
+                if job.params.include_usage:
                     data += fmt.usage_chunk(seq.prompt_tokens, generated)
                 data += DONE
             await response.write(data)
@@ -264,7 +326,13 @@ async def _stream(
             written = generated
             if finished:
                 break
-        else:
-            await wakeup.wait()
+        if written == cut:
+            if trace.fault is Fault.malformed_chunk:
+                await response.write(MALFORMED_CHUNK)
+                cut = seq.target_tokens + 1
+                continue
+            await _cut_connection(request, job)
+        if seq.generated == written:
+            await job.wakeup.wait()
     await response.write_eof()
     return response

@@ -13,7 +13,7 @@ DEFAULT_MAX_TOKENS = 256
 
 
 class InvalidRequest(Exception):
-    """A request the server answers with an OpenAI-style error body."""
+    """Invalid request, sent back as an OpenAI-style error body with ``status``."""
 
     def __init__(self, message: str, *, param: Optional[str] = None, code: str = "invalid_value", status: int = 400):
         super().__init__(message)

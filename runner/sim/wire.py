@@ -49,18 +49,13 @@ class StreamFormat:
         return self._head + b'[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
 
     def token_chunks(self, words: list[bytes], finish_reason: Optional[str]) -> bytes:
-        """One chunk per word; the last one carries ``finish_reason`` when given."""
+        """Build one chunk per word; the last one carries ``finish_reason`` when given."""
         opening = self._open
         closing = self._close
         parts = [opening + word + closing for word in words]
         if finish_reason is not None and parts:
             parts[-1] = opening + words[-1] + self._close_final[finish_reason]
         return b"".join(parts)
-
-    def finish_chunk(self, finish_reason: str) -> bytes:
-        """A chunk with finish_reason and no text, for streams that end without a token."""
-        body = b'[{"index":0,"delta":{},' if self.chat else b'[{"index":0,"text":"",'
-        return self._head + body + b'"logprobs":null,"finish_reason":"' + finish_reason.encode() + b'"}]}\n\n'
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         return self._head + b'[],"usage":' + dumps(usage(prompt_tokens, completion_tokens)) + b"}\n\n"
