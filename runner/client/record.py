@@ -34,7 +34,7 @@ class RequestRecord:
     warmup: bool = False
     # When the load shaper meant to send the request.
     scheduled_at: Optional[float] = None
-    # When the request was handed to the connection (just before the request headers are written).
+    # When the request was handed to the socket (the moment its body was written).
     sent_at: Optional[float] = None
     # Arrival of the first chunk that carries generated text on any channel.
     first_token_at: Optional[float] = None
@@ -52,9 +52,12 @@ class RequestRecord:
     success: bool = False
     # One-line reason for a failure; empty on success.
     error: str = ""
+    # Successful response that generated no tokens (its TTFT is None, never 0); set by finalize().
+    empty_output: bool = False
     # Arrival time of every chunk that carried generated text, in order.
     chunk_times: list[float] = field(default_factory=list)
-    # Generated text of each of those chunks; kept until token counts are final, then dropped.
+    # Generated text of each of those chunks (one entry for a non-streamed response); kept
+    # until token counts are final, then dropped.
     chunk_texts: list[str] = field(default_factory=list)
 
     @property
