@@ -24,6 +24,7 @@ from runner.client.openai import OpenAIClient
 from runner.config import EndpointKind, RunConfig, SearchVariable
 from runner.data import build_prompts, fingerprint
 from runner.load import LoadPlan, run_load
+from runner.manifest import now_iso, write_manifest, write_prompts
 from runner.metrics import summarize
 from runner.output import RequestsWriter, record_row, write_summary
 from runner.tokenizer import load_tokenizer, resolve_tokenizer_path, token_counter
@@ -179,6 +180,8 @@ async def _measure(config: RunConfig, out_dir: Path, console: Console, result: d
     prompts = build_prompts(config.dataset, tokenizer, prompt_count(config), config.endpoint.api)
     count_tokens = token_counter(tokenizer)
     result["fingerprint"] = fingerprint(prompts)
+    result["prompt_count"] = len(prompts)
+    write_prompts(prompts, out_dir / "prompts.jsonl")
     groups = None
     if config.sla is not None:
         from runner.sla.rules import parse_rules
@@ -190,6 +193,8 @@ async def _measure(config: RunConfig, out_dir: Path, console: Console, result: d
     with open_endpoint(config) as base_url, RequestsWriter(out_dir / "requests.csv") as writer:
         async with OpenAIClient(config.endpoint, config.model, config.request, base_url=base_url,
                                 pool_size=pool_size) as client:
+            result["server_models"] = await client.fetch_models()
+            result["url"] = client.url
             with views.make_progress(console, config.progress) as progress:
                 prober = LoadPointProber(config, client, prompts, writer, count_tokens, progress, time.perf_counter())
                 result["prober"] = prober
@@ -243,13 +248,34 @@ def execute(config: RunConfig, out_dir: Path, console: Optional[Console] = None)
             # Piped or redirected output keeps the full table width instead of rich's 80 columns.
             console = Console(width=views.TEXT_WIDTH)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"started_at": now_iso()}
     try:
-        asyncio.run(_measure(config, out_dir, console, result))
+        _run_event_loop(_measure(config, out_dir, console, result))
     finally:
+        result["ended_at"] = now_iso()
         if "prober" in result:
             write_reports(config, result, out_dir, console)
+        write_manifest(out_dir / "manifest.json", {
+            "started_at": result["started_at"],
+            "ended_at": result["ended_at"],
+            "url": result.get("url"),
+            "server_models": result.get("server_models"),
+            "dataset": {"kind": config.dataset.kind.value, "seed": config.dataset.seed,
+                        "prompts": result.get("prompt_count"), "fingerprint": result.get("fingerprint"),
+                        "file": "prompts.jsonl"},
+            "requests_written": result["prober"].writer.rows_written if "prober" in result else 0,
+        })
     return 0
+
+
+def _run_event_loop(coroutine: Any) -> None:
+    """Run ``coroutine`` on uvloop when it is installed, else on asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coroutine)
+        return
+    uvloop.run(coroutine)
 
 
 def tightest_bounds(groups: list[Any]) -> dict[str, float]:
@@ -277,4 +303,7 @@ def write_reports(config: RunConfig, result: dict[str, Any], out_dir: Path, cons
     for item in renderables:
         console.print(item)
     (out_dir / "performance_summary.txt").write_text(views.render_text(renderables), encoding="utf-8")
+    from runner.report import build_report
+
+    build_report(out_dir)
     console.print(f"Results written to {out_dir}")

@@ -132,6 +132,22 @@ class OpenAIClient:
             await self._session.close()
             self._session = None
 
+    async def fetch_models(self) -> Any:
+        """Return the server's GET /v1/models answer (parsed JSON), or a dict with the error.
+
+        The manifest keeps it as a record of what was served; a failure here never stops a run.
+        """
+        if self._session is None:
+            raise RuntimeError("OpenAIClient.fetch_models called outside `async with OpenAIClient(...)`")
+        url = self.url.split("/v1/", 1)[0] + "/v1/models"
+        try:
+            async with self._session.get(url, headers=self._headers) as response:
+                if response.status != 200:
+                    return {"error": f"HTTP {response.status} from {url}"}
+                return await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            return {"error": one_line(f"{type(exc).__name__}: {exc}")}
+
     def build_body(self, prompt: Prompt) -> dict[str, Any]:
         """Build the JSON request body for one prompt; `request.extra_body` overrides any field."""
         request = self.request
