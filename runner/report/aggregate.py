@@ -1,0 +1,170 @@
+"""Loading the result tables of runs and stacking them into sweep-wide tables.
+
+Only summary.csv and sla_summary.csv are read. requests.csv is read only for a run whose
+summary.csv is missing, and then the summary is rebuilt from it and written back, so the
+next report of the same folder is fast again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+
+from runner.metrics import summarize
+from runner.output import read_requests, write_summary
+from runner.report.folders import RunFolder, read_config, read_text
+
+log = logging.getLogger(__name__)
+
+# Characters of error.txt kept for the report; the file itself stays complete.
+ERROR_TEXT_LIMIT = 4000
+
+
+@dataclass
+class RunResult:
+    """The tables of one run, or why it has none."""
+
+    folder: RunFolder
+    summary: Optional[pd.DataFrame]
+    sla: Optional[pd.DataFrame] = None
+    # Why the run has no summary: error.txt when the job wrote one, else a short reason.
+    error: Optional[str] = None
+    # Files written while loading: summary.csv rebuilt from requests.csv.
+    written: list[Path] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return self.summary is None
+
+    @property
+    def rebuilt(self) -> bool:
+        return bool(self.written)
+
+
+def _read_csv(path: Path) -> Optional[pd.DataFrame]:
+    try:
+        return pd.read_csv(path)
+    except (OSError, pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        log.warning("cannot read %s: %s", path, exc)
+        return None
+
+
+def _parallel_cap(config: dict[str, Any]) -> float:
+    """Return the cap on requests in flight that an open-loop run used (NaN when none)."""
+    if config.get("sla") is not None:
+        cap = (config.get("search") or {}).get("rate_parallel_cap")
+    else:
+        cap = (config.get("load") or {}).get("parallel")
+    return math.nan if cap is None else float(cap)
+
+
+def rebuild_summary(run_dir: Path) -> pd.DataFrame:
+    """Compute summary.csv from requests.csv, one row per load value, and write it.
+
+    Raises ValueError when requests.csv has no request rows.
+    """
+    requests = read_requests(run_dir / "requests.csv")
+    if requests.empty:
+        raise ValueError("requests.csv has no rows")
+    cap = _parallel_cap(read_config(run_dir))
+    rows = []
+    for (variable, value), frame in requests.groupby(["variable", "value"], sort=True):
+        row: dict[str, Any] = {"parallel": math.nan, "rate": math.nan}
+        if variable == "rate":
+            row["rate"] = float(value)
+            row["parallel"] = cap
+        else:
+            row["parallel"] = float(value)
+        # NOTE: goodput equals rps here, as in the runner's own summary.csv, and the event-loop
+        # lag and client-bound columns stay empty because requests.csv does not record them.
+        row |= summarize(frame)
+        rows.append(row)
+    return write_summary(rows, run_dir / "summary.csv")
+
+
+def _failure_reason(run_dir: Path, default: str) -> str:
+    text = read_text(run_dir / "error.txt", ERROR_TEXT_LIMIT)
+    return text.strip() if text and text.strip() else default
+
+
+def load_run(folder: RunFolder) -> RunResult:
+    """Read one run's summary.csv and sla_summary.csv, rebuilding the summary when missing."""
+    run_dir = folder.path
+    sla_path = run_dir / "sla_summary.csv"
+    sla = _read_csv(sla_path) if sla_path.is_file() else None
+
+    summary_path = run_dir / "summary.csv"
+    if summary_path.is_file():
+        summary = _read_csv(summary_path)
+        if summary is not None:
+            return RunResult(folder, summary, sla)
+        return RunResult(folder, None, sla, error=_failure_reason(run_dir, "summary.csv cannot be read"))
+
+    if (run_dir / "requests.csv").is_file():
+        try:
+            summary = rebuild_summary(run_dir)
+        except (OSError, ValueError, KeyError, pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
+            reason = f"summary.csv missing and requests.csv unusable: {exc}"
+            return RunResult(folder, None, sla, error=_failure_reason(run_dir, reason))
+        log.info("rebuilt %s from requests.csv", summary_path)
+        return RunResult(folder, summary, sla, written=[summary_path])
+
+    return RunResult(folder, None, sla, error=_failure_reason(run_dir, "no summary.csv: the job did not finish"))
+
+
+def override_columns(results: list[RunResult], reserved: set[str]) -> dict[str, str]:
+    """Map each override key, in order of first appearance, to its column name.
+
+    A key that clashes with a result column or with ``job`` gets an ``override.`` prefix.
+    """
+    columns: dict[str, str] = {}
+    for result in results:
+        for key in result.folder.overrides:
+            if key not in columns:
+                columns[key] = f"override.{key}" if key in reserved or key == "job" else key
+    return columns
+
+
+def _stack(frames: list[pd.DataFrame], results: list[RunResult], columns: dict[str, str]) -> pd.DataFrame:
+    labelled = []
+    for frame, result in zip(frames, results):
+        frame = frame.copy()
+        leading = {"job": result.folder.name}
+        for key, column in columns.items():
+            leading[column] = result.folder.overrides.get(key, "")
+        for position, (column, value) in enumerate(leading.items()):
+            frame.insert(position, column, value)
+        labelled.append(frame)
+    if not labelled:
+        return pd.DataFrame(columns=["job", *columns.values()])
+    return pd.concat(labelled, ignore_index=True, sort=False)
+
+
+@dataclass
+class SweepTables:
+    """Every job's rows, labelled with ``job`` and one column per override key."""
+
+    summary: pd.DataFrame
+    sla: pd.DataFrame
+    # Override key -> column name in both tables.
+    override_columns: dict[str, str]
+
+
+def combine_runs(results: list[RunResult]) -> SweepTables:
+    """Stack the summary and SLA rows of all runs that have them."""
+    with_summary = [r for r in results if r.summary is not None]
+    with_sla = [r for r in results if r.sla is not None]
+    reserved: set[str] = set()
+    for result in with_summary:
+        reserved.update(result.summary.columns)  # type: ignore[union-attr]
+    for result in with_sla:
+        reserved.update(result.sla.columns)  # type: ignore[union-attr]
+    columns = override_columns(results, reserved)
+    summary = _stack([r.summary for r in with_summary], with_summary, columns)  # type: ignore[misc]
+    sla = _stack([r.sla for r in with_sla], with_sla, columns)  # type: ignore[misc]
+    return SweepTables(summary=summary, sla=sla, override_columns=columns)

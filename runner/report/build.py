@@ -1,0 +1,247 @@
+"""Building the report of a run or a sweep folder: ``build_report`` is the entry point.
+
+For a sweep, the top folder gets summary.csv and sla_summary.csv (every job's rows plus ``job``
+and one column per override key), summary.md, sweep-level plots and report.html. Each job
+folder gets its own plots and report.html unless that is turned off. A job without results is
+listed as failed, with the text of its error.txt when it has one, and the rest goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from runner.errors import RunnerError
+from runner.report import plots
+from runner.report.aggregate import RunResult, SweepTables, combine_runs, load_run
+from runner.report.folders import Layout, find_layout, read_text
+from runner.report.html import Page
+from runner.report.run_report import sla_variable, write_run_report
+from runner.report.tables import best_points, jobs_table, key_metrics, markdown_table, sla_comparison
+
+log = logging.getLogger(__name__)
+
+# Sweeps of up to this many jobs get per-job plots and report.html by default. One job's five
+# plots took 0.5-1 s to draw on a shared 2-core VM, so a 200-job sweep would spend minutes.
+RUN_PLOTS_MAX_JOBS = 20
+# Maximum characters of a job label in a plot legend.
+LABEL_LIMIT = 60
+
+SWEEP_PLOTS = {
+    "sweep_tps_vs_latency.png": "Output throughput against p99 latency",
+    "sweep_tps_vs_load.png": "Output throughput against load",
+    "sweep_p99_latency_vs_load.png": "p99 latency against load",
+    "sweep_p99_ttft_vs_load.png": "p99 TTFT against load",
+    "sweep_p99_tpot_vs_load.png": "p99 TPOT against load",
+}
+
+
+def build_report(path: Path, *, run_plots: Optional[bool] = None) -> list[Path]:
+    """Write the report files of a run or sweep folder and return their paths.
+
+    ``run_plots`` decides whether each job of a sweep gets its own plots and report.html;
+    None means yes for sweeps of up to RUN_PLOTS_MAX_JOBS jobs. Raises RunnerError when
+    ``path`` does not exist or contains no run.
+    """
+    layout = find_layout(Path(path))
+    if layout.kind == "run":
+        result = load_run(layout.runs[0])
+        if result.summary is None:
+            raise RunnerError(f"no usable results in {layout.root}: {_first_line(result.error)}")
+        return result.written + write_run_report(result)
+    return build_sweep_report(layout, run_plots=run_plots)
+
+
+def _first_line(text: Optional[str]) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[0] if lines else "unknown error"
+
+
+def _group_label(result: RunResult) -> str:
+    settings = ", ".join(f"{key}={value}" for key, value in result.folder.overrides.items())
+    label = f"job {result.folder.name}" + (f" ({settings})" if settings else "")
+    return label if len(label) <= LABEL_LIMIT else label[: LABEL_LIMIT - 3] + "..."
+
+
+def sweep_curves(tables: SweepTables, results: list[RunResult], load: str) -> dict[str, pd.DataFrame]:
+    """Split the sweep's summary rows into one curve per model (or per job when no ``model`` override).
+
+    Several jobs of one model (one per SLA rule set, say) may measure the same load. Such
+    points are averaged, so each curve has one point per load value.
+    """
+    summary = tables.summary
+    model_column = tables.override_columns.get("model")
+    if summary.empty:
+        return {}
+    if model_column is None:
+        labels = {r.folder.name: _group_label(r) for r in results}
+        return {labels[str(job)]: frame for job, frame in summary.groupby("job", sort=False)}
+    curves = {}
+    for model, frame in summary.groupby(model_column, sort=False):
+        numeric = frame.select_dtypes("number")
+        if load in numeric.columns:
+            numeric = numeric.groupby(load, as_index=False, sort=True).mean()
+        curves[str(model) or "(default model)"] = numeric
+    return curves
+
+
+def plot_sweep(tables: SweepTables, results: list[RunResult], out_dir: Path) -> list[tuple[Path, str]]:
+    """Write the sweep-level plots into ``out_dir``; return (path, caption) of each file written."""
+    load = plots.choose_load_axis(tables.summary, sla_variable(tables.sla if not tables.sla.empty else None))
+    curves = sweep_curves(tables, results, load)
+    if not curves:
+        return []
+    legend_title = tables.override_columns.get("model", "job")
+    written = []
+    if plots.plot_tradeoff(curves, out_dir / "sweep_tps_vs_latency.png", load, annotate=False,
+                           legend_title=legend_title):
+        written.append("sweep_tps_vs_latency.png")
+    charts = [
+        ("sweep_tps_vs_load.png", "tps", "Output throughput (tokens/s)"),
+        ("sweep_p99_latency_vs_load.png", "p99_latency", "p99 latency (s)"),
+        ("sweep_p99_ttft_vs_load.png", "p99_ttft", "p99 TTFT (s)"),
+        ("sweep_p99_tpot_vs_load.png", "p99_tpot", "p99 TPOT (s)"),
+    ]
+    for name, metric, ylabel in charts:
+        if plots.plot_lines(curves, out_dir / name, load, metric, ylabel, SWEEP_PLOTS[name], legend_title):
+            written.append(name)
+    return [(out_dir / name, SWEEP_PLOTS[name]) for name in written]
+
+
+def varying_overrides(results: list[RunResult], tables: SweepTables) -> tuple[dict[str, str], dict[str, str]]:
+    """Split the override columns into those that differ between jobs and those every job shares.
+
+    Returns (key -> column of the varying ones, key -> value of the shared ones). The display
+    tables show only the varying columns; the CSVs keep all of them.
+    """
+    varying, shared = {}, {}
+    for key, column in tables.override_columns.items():
+        values = {result.folder.overrides.get(key) for result in results}
+        if len(values) > 1:
+            varying[key] = column
+        else:
+            shared[key] = values.pop() or ""
+    return varying, shared
+
+
+def _shared_text(shared: dict[str, str]) -> str:
+    return "Overrides shared by every job: " + ", ".join(f"{key}={value}" for key, value in shared.items())
+
+
+def _comparison_caption(tables: SweepTables) -> str:
+    variable = sla_variable(tables.sla)
+    unit = f"the highest {variable}" if variable else "the highest value of each run's search variable"
+    return f"Cells hold {unit} meeting each rule set; 'none' means no load met it, empty means not run."
+
+
+def write_summary_markdown(path: Path, root: Path, results: list[RunResult], tables: SweepTables) -> Path:
+    """Write summary.md: job status, the SLA comparison and the best load point of each job."""
+    failed = [r for r in results if r.failed]
+    varying, shared = varying_overrides(results, tables)
+    lines = [
+        "# Sweep report",
+        "",
+        f"Folder: `{root}`",
+        "",
+        f"{len(results)} jobs: {len(results) - len(failed)} with results, {len(failed)} failed.",
+        "",
+    ]
+    if shared:
+        spans = " ".join(f"`{key}={value}`" for key, value in shared.items())
+        lines += [f"Overrides shared by every job: {spans}", ""]
+    lines += ["## Jobs", "", markdown_table(jobs_table(results, varying))]
+    comparison = sla_comparison(tables.sla, tables.override_columns)
+    if not comparison.empty:
+        lines += ["## SLA: max satisfied load", "", _comparison_caption(tables), "", markdown_table(comparison)]
+    best = best_points(tables.summary, varying)
+    if not best.empty:
+        lines += ["## Highest throughput per job", "", "Times in seconds, throughput in tokens/s and req/s.", "",
+                  markdown_table(best)]
+    if failed:
+        lines += ["## Failed jobs", ""]
+        lines += [f"- job {r.folder.name}: {_first_line(r.error)}" for r in failed]
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _sweep_page(root: Path, results: list[RunResult], tables: SweepTables, figures: list[tuple[Path, str]],
+                job_pages: list[Path]) -> Page:
+    failed = [r for r in results if r.failed]
+    varying, shared = varying_overrides(results, tables)
+    page = Page(f"Sweep report: {root.name}", root)
+    page.paragraph(f"{len(results)} jobs: {len(results) - len(failed)} with results, {len(failed)} failed.",
+                   css_class="failed" if failed else None)
+    if shared:
+        page.paragraph(_shared_text(shared))
+
+    page.heading("Jobs")
+    page.table(jobs_table(results, varying))
+    for result in failed:
+        page.preformatted(result.error or "unknown error", summary=f"Error of job {result.folder.name}")
+
+    comparison = sla_comparison(tables.sla, tables.override_columns)
+    if not comparison.empty:
+        page.heading("SLA: max satisfied load")
+        page.table(comparison, caption=_comparison_caption(tables))
+    best = best_points(tables.summary, varying)
+    if not best.empty:
+        page.heading("Highest throughput per job")
+        page.table(best, caption="The load point with the most output tokens/s of each job. Times in seconds.")
+    if not tables.sla.empty:
+        page.heading("SLA auto-tune, all jobs")
+        page.table(tables.sla)
+    if not tables.summary.empty:
+        page.heading("Summary, all jobs")
+        page.table(key_metrics(tables.summary, leading=["job", *varying.values()]),
+                   caption="One row per load point of each job. Times in seconds.")
+        page.collapsed_table(tables.summary, "All summary.csv columns")
+
+    if figures:
+        page.heading("Plots")
+        for path, caption in figures:
+            page.image(path, caption)
+    if job_pages:
+        page.heading("Job reports")
+        page.links([(p.relative_to(root).as_posix(), f"job {p.parent.name}") for p in job_pages])
+
+    page.heading("Configuration")
+    config_text = read_text(root / "multirun.yaml")
+    if config_text is None and results:
+        config_text = read_text(results[0].folder.path / ".hydra" / "config.yaml")
+    page.preformatted(config_text if config_text is not None else "(no multirun.yaml in this folder)")
+    return page
+
+
+def build_sweep_report(layout: Layout, run_plots: Optional[bool] = None) -> list[Path]:
+    """Aggregate every job of a sweep and write the sweep's files; return the paths written."""
+    root = layout.root
+    results = [load_run(folder) for folder in layout.runs]
+    written = [path for result in results for path in result.written]
+    for result in results:
+        if result.failed:
+            log.warning("job %s has no results: %s", result.folder.name, _first_line(result.error))
+    tables = combine_runs(results)
+
+    tables.summary.to_csv(root / "summary.csv", index=False)
+    written.append(root / "summary.csv")
+    if not tables.sla.empty:
+        tables.sla.to_csv(root / "sla_summary.csv", index=False)
+        written.append(root / "sla_summary.csv")
+    written.append(write_summary_markdown(root / "summary.md", root, results, tables))
+
+    job_pages: list[Path] = []
+    if run_plots if run_plots is not None else len(results) <= RUN_PLOTS_MAX_JOBS:
+        for result in results:
+            if not result.failed:
+                paths = write_run_report(result, title=f"Job {result.folder.name} of sweep {root.name}")
+                written += paths
+                job_pages.append(paths[-1])
+
+    figures = plot_sweep(tables, results, root)
+    written += [path for path, _ in figures]
+    written.append(_sweep_page(root, results, tables, figures, job_pages).write(root / "report.html"))
+    return written
