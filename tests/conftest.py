@@ -1,12 +1,8 @@
 import os
-from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-REPO = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO / "conf"
 
 
 @pytest.fixture(scope="session")

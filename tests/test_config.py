@@ -7,7 +7,7 @@ from runner.__main__ import to_run_config
 from runner.config import Api, Arrival, EndpointKind, RunConfig
 from runner.errors import ConfigError, RunnerError
 
-from conftest import CONF_DIR
+from paths import CONF_DIR
 
 
 def build(*overrides: str) -> RunConfig:

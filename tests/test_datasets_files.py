@@ -16,7 +16,7 @@ from runner.config import Api, DatasetConfig, DatasetKind
 from runner.data import build_prompts
 from runner.errors import ConfigError, DataError
 
-from conftest import CONF_DIR, REPO
+from paths import CONF_DIR, REPO
 
 DATA = REPO / "tests" / "data"
 TEMPLATE_TOKENS = 29

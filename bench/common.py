@@ -1,0 +1,43 @@
+"""Shared pieces of the benchmark scripts: machine facts and running the runner."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+
+
+def machine_line() -> str:
+    """Return date, CPU model, core count and the 1-minute load average, for result headers."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0]
+    today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{today}; {model}; {os.cpu_count()} cores; load average {load:.2f}; Python {platform.python_version()}"
+
+
+def run_runner(out_dir: Path, *overrides: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """Run ``python -m runner`` into ``out_dir`` with the given overrides; raise if it fails."""
+    command = [sys.executable, "-m", "runner", f"hydra.run.dir={out_dir}", "progress=false", *overrides]
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if completed.returncode != 0:
+        raise RuntimeError(f"runner failed ({completed.returncode}): {' '.join(command)}\n{completed.stderr[-2000:]}")
+    return completed
+
+
+def read_summary(out_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(out_dir / "summary.csv")
