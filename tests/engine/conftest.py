@@ -32,6 +32,8 @@ MODEL_ALIAS = "tiny-qwen2"
 
 # Server settings: 8 slots sharing 8192 tokens of KV cache (1024 per slot),
 # 2 CPU threads. The tests keep prompt + completion well under 1024 tokens.
+# No --ignore-eos: exact output lengths must come from the `ignore_eos`
+# field that the runner sends, so the tests check that it reaches the server.
 CONTEXT_TOKENS = 8192
 SLOTS = 8
 THREADS = 2

@@ -38,6 +38,9 @@ def test_benchmark_all_requests_succeed(engine, run_runner, tmp_path):
     requests = pd.read_csv(tmp_path / "requests.csv")
     assert len(requests) == NUMBER + WARMUP
     assert int(requests["warmup"].sum()) == WARMUP
+    # llama-server closes the connection after every stream (see
+    # test_stream_closes_connection), so a client that reuses it from its
+    # pool fails here with "Can not write request body".
     failures = requests.loc[~requests["success"], ["request_id", "error"]]
     assert failures.empty, f"failed requests:\n{failures.to_string()}"
     assert (requests["completion_tokens"] == MAX_TOKENS).all()
