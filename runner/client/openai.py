@@ -54,6 +54,9 @@ _EVENT_STREAM = "text/event-stream"
 # a connect timeout is reported as a read timeout.
 _CONNECT_TIMEOUT = getattr(aiohttp, "ConnectionTimeoutError", ())
 _READ_TIMEOUT = getattr(aiohttp, "SocketTimeoutError", aiohttp.ServerTimeoutError)
+# A pooled connection that the server had already closed fails with one of these before any
+# response status arrives.
+_STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 # The connection broke after it was established: reset, closed early, or a truncated body.
 _CONNECTION_LOST = (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
                     ConnectionResetError)
@@ -95,7 +98,10 @@ class OpenAIClient:
                 )
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._session: Optional[aiohttp.ClientSession] = None
+        self._retry_session: Optional[aiohttp.ClientSession] = None
         self._unexpected_errors = 0
+        # Requests retried because a pooled connection had been closed by the server.
+        self.stale_connection_retries = 0
 
     def __repr__(self) -> str:
         # The headers stay out of the repr because they hold the API key.
@@ -128,9 +134,10 @@ class OpenAIClient:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._retry_session):
+            if session is not None:
+                await session.close()
+        self._session = self._retry_session = None
 
     async def fetch_models(self) -> Any:
         """Return the server's GET /v1/models answer (parsed JSON), or a dict with the error.
@@ -189,19 +196,23 @@ class OpenAIClient:
             # The dataset's count is used until the server's usage arrives.
             record.prompt_tokens = prompt.prompt_tokens
         record.success = False
-        # Fallback for when the trace signal never fires (for example, the connection failed).
-        record.sent_at = _perf_counter()
         try:
-            async with session.post(
-                self.url, data=data, headers=self._headers, trace_request_ctx=record
-            ) as response:
-                record.status = response.status
-                if response.status != 200:
-                    await self._read_http_error(response, record)
-                elif streaming:
-                    await self._read_stream(response, record)
-                else:
-                    await self._read_json(response, record)
+            for attempt in range(2):
+                # Fallback for when the trace signal never fires (for example, the connection failed).
+                record.sent_at = _perf_counter()
+                try:
+                    await self._post(self._fresh_session() if attempt else session, data, record, streaming)
+                    break
+                except _STALE_CONNECTION as exc:
+                    # Servers such as llama.cpp's close a keep-alive connection right after a
+                    # stream ends, and aiohttp may hand that connection to the next request
+                    # before it sees the close. The request then fails before any response
+                    # arrived, so the server never answered it: retry it once on a new connection
+                    # (another pooled one could be closed as well).
+                    if attempt or record.status is not None or isinstance(exc, aiohttp.ClientConnectorError):
+                        raise
+                    self.stale_connection_retries += 1
+                    logger.debug("request %s: pooled connection was closed; retrying once", record.request_id)
         except asyncio.CancelledError:
             _fail(record, "cancelled")
             raise
@@ -219,6 +230,28 @@ class OpenAIClient:
             logger.log(level, "Unexpected error in request %s (%s so far)", record.request_id,
                        self._unexpected_errors, exc_info=True)
             _fail(record, one_line(f"unexpected client error: {type(exc).__name__}: {exc}"))
+
+    def _fresh_session(self) -> aiohttp.ClientSession:
+        """Return a session that opens a new connection for every request, for retries."""
+        if self._retry_session is None:
+            assert self._session is not None
+            connector = aiohttp.TCPConnector(limit=self.pool_size, force_close=True,
+                                             timeout_ceil_threshold=float("inf"))
+            self._retry_session = aiohttp.ClientSession(
+                connector=connector, timeout=self._session.timeout, trace_configs=self._session.trace_configs,
+                raise_for_status=False,
+            )
+        return self._retry_session
+
+    async def _post(self, session: aiohttp.ClientSession, data: bytes, record: RequestRecord, streaming: bool) -> None:
+        async with session.post(self.url, data=data, headers=self._headers, trace_request_ctx=record) as response:
+            record.status = response.status
+            if response.status != 200:
+                await self._read_http_error(response, record)
+            elif streaming:
+                await self._read_stream(response, record)
+            else:
+                await self._read_json(response, record)
 
     def _timeout_message(self, exc: TimeoutError) -> str:
         endpoint = self.endpoint
