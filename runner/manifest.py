@@ -7,7 +7,6 @@ import json
 import platform
 import subprocess
 import sys
-from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
@@ -49,7 +48,9 @@ def write_prompts(prompts: list[Prompt], path: Path) -> None:
     """Write the prompts, one JSON object per line, exactly as they were sent."""
     with path.open("w", encoding="utf-8") as handle:
         for prompt in prompts:
-            handle.write(json.dumps(asdict(prompt), ensure_ascii=False))
+            fields = {"text": prompt.text, "messages": prompt.messages, "token_ids": prompt.token_ids,
+                      "prompt_tokens": prompt.prompt_tokens, "max_tokens": prompt.max_tokens}
+            handle.write(json.dumps(fields, ensure_ascii=False))
             handle.write("\n")
 
 

@@ -66,6 +66,9 @@ class SSEParser:
             if data.startswith(_BOM):
                 data = data[len(_BOM) :]
 
+        if b"\r" not in data and not self._data_lines and not self._event_type:
+            return self._feed_lf_events(data)
+
         lines = data.splitlines(keepends=True)
         if lines and not lines[-1].endswith(_LINE_ENDS):
             self._buffer = lines.pop()
@@ -75,6 +78,36 @@ class SSEParser:
         events: list[SSEEvent] = []
         for line in lines:
             event = self._process_line(line.rstrip(b"\r\n"))
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _feed_lf_events(self, data: bytes) -> list[SSEEvent]:
+        """Parse LF-only input that starts at an event boundary, one split per event.
+
+        Servers send almost every event as a single `data:` line followed by a blank line, so
+        such an event is decoded directly. Anything else in the input goes line by line.
+        """
+        parts = data.split(b"\n\n")
+        # The text after the last blank line is an event still being received.
+        tail = parts.pop()
+        events: list[SSEEvent] = []
+        for part in parts:
+            if part.startswith(b"data:") and b"\n" not in part:
+                value = part[6:] if part[5:6] == b" " else part[5:]
+                events.append(SSEEvent("message", value.decode("utf-8", "replace")))
+                continue
+            for line in part.split(b"\n"):
+                event = self._process_line(line)
+                if event is not None:
+                    events.append(event)
+            event = self._dispatch()
+            if event is not None:
+                events.append(event)
+        tail_lines = tail.split(b"\n")
+        self._buffer = tail_lines.pop()
+        for line in tail_lines:
+            event = self._process_line(line)
             if event is not None:
                 events.append(event)
         return events

@@ -24,13 +24,15 @@ MIN_WORDS = 1000
 
 @functools.lru_cache(maxsize=4)
 def _single_token_words(tokenizer: Any) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    candidates = sorted(
+        (token_id, " " + entry[1:]) for entry, token_id in tokenizer.get_vocab().items() if _WORD_ENTRY.match(entry)
+    )
+    # One batch call: encoding the candidates one by one takes seconds.
+    encoded = tokenizer([text for _, text in candidates], add_special_tokens=False)["input_ids"]
     words: list[str] = []
     ids: list[int] = []
-    for entry, token_id in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
-        if not _WORD_ENTRY.match(entry):
-            continue
-        text = " " + entry[1:]
-        if tokenizer.encode(text, add_special_tokens=False) == [token_id]:
+    for (token_id, text), token_ids in zip(candidates, encoded):
+        if token_ids == [token_id]:
             words.append(text)
             ids.append(token_id)
     if len(words) < MIN_WORDS:
