@@ -31,6 +31,8 @@ class DatasetKind(Enum):
     sharegpt = "sharegpt"
     line_by_line = "line_by_line"
     jsonl = "jsonl"
+    # The prompts.jsonl archived in a run folder, read back exactly as it was sent.
+    replay = "replay"
 
 
 class Arrival(Enum):
@@ -117,7 +119,7 @@ class ModelConfig:
 @dataclass
 class DatasetConfig:
     kind: DatasetKind = DatasetKind.random
-    # Local file for the file-based kinds (sharegpt, line_by_line, jsonl).
+    # Local file for the file-based kinds (sharegpt, line_by_line, jsonl, replay).
     path: Optional[str] = None
     # Prompt length bounds in tokens (random: lengths drawn uniformly in [min, max]; files: filter).
     min_prompt_length: int = 128

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 from runner.client.record import Prompt
 from runner.config import Api, DatasetConfig, DatasetKind
+from runner.errors import DataError
 from runner.data.files import file_prompts
 from runner.data.random_prompts import random_prompts
 
@@ -16,8 +19,11 @@ def build_prompts(config: DatasetConfig, tokenizer: Any, count: int, api: Api = 
     """Return ``config.num_prompts`` prompts, or ``count`` when that is unset.
 
     ``api`` is the endpoint's API: file prompts are length-filtered with the chat template
-    applied for ``Api.chat`` and as plain text for ``Api.completions``.
+    applied for ``Api.chat`` and as plain text for ``Api.completions``. The ``replay`` kind
+    returns every prompt of its file, unfiltered and in order, whatever ``count`` is.
     """
+    if config.kind is DatasetKind.replay:
+        return replay_prompts(Path(str(config.path)))
     wanted = config.num_prompts or count
     if config.kind is DatasetKind.random:
         return random_prompts(config, tokenizer, wanted)
@@ -32,3 +38,49 @@ def fingerprint(prompts: list[Prompt]) -> str:
         digest.update(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode())
         digest.update(b"\n")
     return digest.hexdigest()
+
+
+_PROMPT_FIELDS = frozenset(field.name for field in dataclasses.fields(Prompt))
+
+
+def replay_prompts(path: Path) -> list[Prompt]:
+    """Read the prompts a run archived with ``runner.manifest.write_prompts``.
+
+    Raises DataError naming the file and line when the file is missing, empty, or contains a
+    line that is not a prompt record.
+    """
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"dataset.path {path} cannot be read ({exc}); pass the prompts.jsonl of a run folder") from None
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            prompts.append(_prompt_record(line, f"{path} line {number}"))
+    if not prompts:
+        raise DataError(f"dataset.path {path} contains no prompts; pass the prompts.jsonl of a finished run")
+    return prompts
+
+
+def _prompt_record(line: str, where: str) -> Prompt:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where} is not valid JSON ({exc.msg}); the prompts.jsonl file is damaged") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where} is not a JSON object; expected a prompt record written by a run")
+    unknown = sorted(set(record) - _PROMPT_FIELDS)
+    if unknown:
+        raise DataError(f"{where} has unknown fields {unknown}; expected only {sorted(_PROMPT_FIELDS)}")
+    prompt = Prompt(**record)
+    valid = (
+        isinstance(prompt.text, str)
+        and (prompt.messages is None or isinstance(prompt.messages, list))
+        and (prompt.token_ids is None or (isinstance(prompt.token_ids, list)
+                                          and all(isinstance(t, int) for t in prompt.token_ids)))
+        and isinstance(prompt.prompt_tokens, int)
+        and (prompt.max_tokens is None or isinstance(prompt.max_tokens, int))
+    )
+    if not valid:
+        raise DataError(f"{where} has a field of the wrong type; expected the types of runner.client.record.Prompt")
+    return prompt
