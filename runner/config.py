@@ -41,6 +41,13 @@ class Arrival(Enum):
     gamma = "gamma"
 
 
+class LoadBackend(Enum):
+    # Worker processes on this machine.
+    process = "process"
+    # Ray actors, on this machine or on the nodes of a Ray cluster.
+    ray = "ray"
+
+
 class SearchVariable(Enum):
     parallel = "parallel"
     rate = "rate"
@@ -199,8 +206,22 @@ class LoadConfig:
     duration: Optional[float] = None
     # Seed of the arrival schedule.
     seed: int = 0
+    # Processes (or Ray actors) that send the load; null: 1, or up to 4 for large loads.
+    workers: Optional[int] = None
+    # Where the workers run: `process` (this machine) or `ray` (Ray actors).
+    backend: LoadBackend = LoadBackend.process
+    # Ray cluster address passed to ray.init (implies backend=ray); null: start a local Ray instance.
+    ray_address: Optional[str] = None
 
     def __post_init__(self) -> None:
+        _require(
+            self.workers is None or self.workers >= 1,
+            f"load.workers must be >= 1 or null (automatic), got {self.workers}",
+        )
+        _require(
+            self.ray_address is None or bool(self.ray_address.strip()),
+            "load.ray_address must not be empty; pass a Ray address such as ray://host:10001, or null",
+        )
         _require(
             self.parallel is None or self.parallel >= 1,
             f"load.parallel must be >= 1 (or null in open loop), got {self.parallel}",
@@ -221,6 +242,10 @@ class LoadConfig:
     @property
     def open_loop(self) -> bool:
         return self.rate is not None
+
+    @property
+    def uses_ray(self) -> bool:
+        return self.backend is LoadBackend.ray or self.ray_address is not None
 
 
 @dataclass

@@ -66,6 +66,9 @@ class LoadOutcome:
     ended_at: float = 0.0
     # True when load.duration stopped the run before every request was sent.
     cut_by_duration: bool = False
+    # Multi-worker runs only (runner.workers): each worker's own lag samples, in worker order;
+    # `loop_lag` then contains all of them together. Empty for a single-process run.
+    worker_loop_lag: list[list[float]] = field(default_factory=list)
 
 
 def arrival_offsets(plan: LoadPlan) -> list[float]:

@@ -1,0 +1,216 @@
+"""Load workers as Ray actors (load.backend=ray), possibly on other machines of a Ray cluster.
+
+Each actor runs ``runner.workers.run_share`` for one share of the plan in its own event
+loop. The parent collects records by calling the actor's ``take`` method in a loop, which
+returns a batch of at most about BATCH_RECORDS records every BATCH_SECONDS.
+
+Clocks: ``perf_counter`` of an actor on another machine has an unrelated origin. Before
+the load starts, the parent measures each actor's clock offset from CLOCK_SAMPLES round
+trips (parent time t0, actor reads its clock, parent time t1; offset = actor time minus
+(t0 + t1) / 2) and keeps the sample with the shortest round trip. The actor's start time
+is converted to its own clock, and its records are shifted back onto the parent's. The
+offset error is at most half of that round trip. It moves whole records (scheduled_at
+and every timestamp of one record shift together), so TTFT, latency, TPOT and lateness,
+which are differences within one record, do not change.
+
+The package ``ray`` is optional (``pip install runner[ray]``); it is imported only here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable, Optional
+
+from runner.client.record import RequestRecord
+from runner.errors import ConfigError, RunnerError
+from runner.load import SCHEDULE_LEAD, LoadOutcome, LoadPlan
+from runner.workers import (
+    BATCH_RECORDS,
+    BATCH_SECONDS,
+    READY_TIMEOUT,
+    WorkerFleet,
+    WorkerResult,
+    WorkerTask,
+    run_share,
+)
+
+log = logging.getLogger(__name__)
+
+# Round trips used to measure each actor's clock offset.
+CLOCK_SAMPLES = 7
+# Seconds between sending the start time and the common start; Ray method calls take
+# milliseconds on one machine and can take tens of milliseconds across a network.
+RAY_START_MARGIN = 0.25
+_TIME_FIELDS = ("scheduled_at", "sent_at", "first_token_at", "last_token_at", "ended_at")
+
+
+def import_ray() -> Any:
+    """Return the ``ray`` module, or raise ConfigError saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            "load.backend=ray needs the ray package, which is not installed; "
+            "pip install 'runner[ray]' or set load.backend=process"
+        ) from None
+    return ray
+
+
+class LoadActor:
+    """One worker as a Ray async actor: ``open``, then ``run`` while the parent calls ``take``."""
+
+    def __init__(self, task: WorkerTask) -> None:
+        self.task = task
+        self._client: Any = None
+        self._pending: list[RequestRecord] = []
+        self._arrived = asyncio.Event()
+        self._finished = False
+        self._load: Optional[asyncio.Task[bool]] = None
+
+    async def clock(self) -> float:
+        return time.perf_counter()
+
+    async def open(self) -> None:
+        client = self.task.client.build()
+        await client.__aenter__()
+        self._client = client
+
+    async def run(self, start_at: float) -> WorkerResult:
+        """Send the share from ``start_at`` (this actor's perf_counter clock) and return the result."""
+        result = WorkerResult()
+        self._load = asyncio.create_task(run_share(self.task, self._client, start_at, self._add, result.loop_lag))
+        try:
+            result.cut_by_duration = await self._load
+        finally:
+            await self._client.__aexit__(None, None, None)
+            self._finished = True
+            self._arrived.set()
+        return result
+
+    async def take(self) -> tuple[list[RequestRecord], bool]:
+        """Wait up to BATCH_SECONDS for a full batch; return the records and whether the run ended."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BATCH_SECONDS
+        while len(self._pending) < BATCH_RECORDS and not self._finished:
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._arrived.wait()
+            except TimeoutError:
+                break
+        batch, self._pending = self._pending, []
+        return batch, self._finished
+
+    async def stop(self) -> None:
+        if self._load is not None:
+            self._load.cancel()
+
+    def _add(self, record: RequestRecord) -> None:
+        self._pending.append(record)
+        if len(self._pending) >= BATCH_RECORDS:
+            self._arrived.set()
+
+
+def shift_record(record: RequestRecord, delta: float) -> None:
+    """Add ``delta`` seconds to every timestamp of ``record``."""
+    for name in _TIME_FIELDS:
+        value = getattr(record, name)
+        if value is not None:
+            setattr(record, name, value + delta)
+    record.chunk_times = [moment + delta for moment in record.chunk_times]
+
+
+async def measure_clock_offset(actor: Any) -> tuple[float, float]:
+    """Return (actor clock minus parent clock, round trip) of the shortest of CLOCK_SAMPLES round trips."""
+    best: Optional[tuple[float, float]] = None
+    for _ in range(CLOCK_SAMPLES):
+        before = time.perf_counter()
+        actor_time = await actor.clock.remote()
+        after = time.perf_counter()
+        sample = (actor_time - (before + after) / 2, after - before)
+        if best is None or sample[1] < best[1]:
+            best = sample
+    assert best is not None
+    return best
+
+
+async def run_tasks_on_ray(
+    tasks: list[WorkerTask],
+    plan: LoadPlan,
+    on_record: Callable[[RequestRecord], None],
+    *,
+    address: Optional[str] = None,
+) -> LoadOutcome:
+    """Run each task in a Ray actor and merge the results like ``runner.workers.run_load_in_workers``.
+
+    Joins the Ray cluster at ``address``, or starts a local Ray instance when it is None and
+    Ray is not initialized yet. Ray stays initialized afterwards, so later repeats start faster.
+    """
+    ray = import_ray()
+    if not ray.is_initialized():
+        log.info("starting Ray (address %s)", address or "local")
+        ray.init(address=address, include_dashboard=False)
+    # SPREAD places the actors on as many nodes as the cluster has.
+    remote_class = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(LoadActor)
+    actors = [remote_class.remote(task) for task in tasks]
+    fleet = WorkerFleet(plan, len(tasks), on_record)
+    try:
+        await _drive_actors(ray, actors, fleet)
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+    fleet.outcome.ended_at = time.perf_counter()
+    return fleet.outcome
+
+
+async def _drive_actors(ray: Any, actors: list[Any], fleet: WorkerFleet) -> None:
+    try:
+        async with asyncio.timeout(READY_TIMEOUT):
+            await asyncio.gather(*(actor.open.remote() for actor in actors))
+            offsets = [await measure_clock_offset(actor) for actor in actors]
+    except TimeoutError:
+        raise RunnerError(
+            f"Ray load actors did not start within {READY_TIMEOUT:g} s; check that the cluster has "
+            f"{len(actors)} free CPUs or lower load.workers"
+        ) from None
+    except ray.exceptions.RayError as exc:
+        raise RunnerError(f"Ray load actors failed to start: {_first_line(exc)}") from None
+    for worker, (offset, round_trip) in enumerate(offsets):
+        log.debug("load worker %s: clock offset %.6f s, round trip %.6f s", worker, offset, round_trip)
+
+    start = time.perf_counter() + SCHEDULE_LEAD + RAY_START_MARGIN
+    fleet.outcome.started_at = start
+    runs = [actor.run.remote(start + offset) for actor, (offset, _) in zip(actors, offsets)]
+
+    async def pump(worker: int) -> None:
+        actor, offset = actors[worker], offsets[worker][0]
+        try:
+            finished = False
+            while not finished:
+                batch, finished = await actor.take.remote()
+                for record in batch:
+                    shift_record(record, -offset)
+                fleet.take_records(worker, batch)
+            fleet.finish(worker, await runs[worker])
+        except ray.exceptions.RayError as exc:
+            raise RunnerError(
+                f"load worker {worker} (Ray actor) failed before its share was done: {_first_line(exc)}; "
+                f"{fleet.received[worker]} of its records arrived and were kept"
+            ) from None
+
+    failure: Optional[RunnerError] = None
+    try:
+        async with asyncio.TaskGroup() as group:
+            for worker in range(len(actors)):
+                group.create_task(pump(worker))
+    except* RunnerError as errors:
+        failure = errors.exceptions[0]  # type: ignore[assignment]
+    if failure is not None:
+        raise failure
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
