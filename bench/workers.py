@@ -11,7 +11,8 @@ Two servers, each a child process on 127.0.0.1 (``ScriptedServerProcess``):
 Modes: ``in-process`` is ``runner.load.run_load`` in this process, as a run sends load
 today; ``workers=N`` is ``runner.workers.run_load_in_workers`` with N worker processes. The
 parent's ``on_record`` does what the prober's does (finalize, requests.csv row, CSV write),
-so the parent's share of the work is included.
+so the parent's share of the work is included. Worker CPU is not measured: the workers
+exit before their /proc entries can be read at the end of the load.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from runner.load import LoadPlan, run_load
 from runner.metrics import summarize
 from runner.output import RequestsWriter, record_row
 from runner.testing.scripted import Reply, ScriptedServerProcess, token_timeline
-from runner.workers import ClientArgs, run_load_in_workers
+from runner.workers import ClientArgs, run_event_loop, run_load_in_workers
 
 THROUGHPUT_TOKENS = 64
 TTFT, GAP, TIMING_TOKENS = 0.200, 0.020, 32
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
     header = machine_line()
     with tempfile.TemporaryDirectory() as work:
-        table = asyncio.run(bench(args.modes, args.requests, Path(work)))
+        # uvloop when installed, as `python -m runner` runs.
+        table = run_event_loop(bench(args.modes, args.requests, Path(work)))
     RESULTS.mkdir(parents=True, exist_ok=True)
     table.to_csv(RESULTS / "workers.csv", index=False, float_format="%.3f")
     print(f"# scale-out ({header})")

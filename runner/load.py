@@ -103,10 +103,13 @@ async def run_load(
     sender: Sender,
     prompts: Sequence[Prompt],
     on_record: Callable[[RequestRecord], None],
+    keep_records: bool = True,
 ) -> LoadOutcome:
     """Send ``plan.total`` requests (fewer if ``plan.duration`` runs out) and return their records.
 
-    ``on_record`` runs in the event loop as each request ends; it must be quick.
+    ``on_record`` runs in the event loop as each request ends; it must be quick. With
+    ``keep_records=False`` the outcome's ``records`` stays empty, so a long run's memory
+    does not grow with every record (``on_record`` still sees each one).
     """
     if not prompts:
         raise ValueError("run_load needs at least one prompt")
@@ -122,7 +125,8 @@ async def run_load(
             scheduled_at=scheduled_at,
         )
         await sender.send(prompts[index % len(prompts)], record)
-        outcome.records.append(record)
+        if keep_records:
+            outcome.records.append(record)
         on_record(record)
 
     try:
