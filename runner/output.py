@@ -66,13 +66,18 @@ def _csv_value(value: Any) -> Any:
 
 
 class RequestsWriter:
-    """Appends rows to requests.csv in batches of FLUSH_ROWS, flushing each batch."""
+    """Appends rows to requests.csv in batches of FLUSH_ROWS, flushing each batch.
 
-    def __init__(self, path: Path) -> None:
+    With ``append`` an existing file is continued (a resumed run) and keeps its header.
+    """
+
+    def __init__(self, path: Path, append: bool = False) -> None:
         self.path = path
-        self._file = path.open("w", newline="", encoding="utf-8")
+        continuing = append and path.is_file() and path.stat().st_size > 0
+        self._file = path.open("a" if continuing else "w", newline="", encoding="utf-8")
         self._writer = csv.writer(self._file)
-        self._writer.writerow(REQUEST_COLUMNS)
+        if not continuing:
+            self._writer.writerow(REQUEST_COLUMNS)
         self._pending: list[list[Any]] = []
         self.rows_written = 0
 

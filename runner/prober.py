@@ -1,0 +1,193 @@
+"""Measure load points: repeats of load, streamed to requests.csv and cached for the SLA search.
+
+Each finished repeat also gets one line in ``probes.jsonl`` (value, repeat, number of
+requests, start and end), so ``python -m runner.resume`` can tell finished repeats from
+one cut by an interruption.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from array import array
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import numpy as np
+import pandas as pd
+
+from runner.client.finalize import finalize
+from runner.client.openai import OpenAIClient
+from runner.config import RunConfig, SearchVariable
+from runner.load import LoadPlan, run_load
+from runner.manifest import now_iso
+from runner.metrics import summarize
+from runner.output import RequestsWriter, record_row
+from runner.preflight import FailureGuard
+from runner.samples import PointSamples
+
+log = logging.getLogger(__name__)
+
+# A load point whose client lateness or event-loop lag p99 exceeds this many seconds was not
+# delivered faithfully by the client, so its numbers are not the server's.
+CLIENT_BOUND_SECONDS = 0.025
+PROBES_FILE = "probes.jsonl"
+
+
+class LoadPointProber:
+    """Measures load points, keeps every repeat, and pools repeats into one summary row.
+
+    Each (value, repeat) is measured once and cached, so the SLA search can ask for a point
+    again, or for more repeats of it, without sending the same load twice.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        client: OpenAIClient,
+        prompts: list,
+        writer: RequestsWriter,
+        count_tokens: Any,
+        progress: Any,
+        origin: float,
+        probes_path: Optional[Path] = None,
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.prompts = prompts
+        self.writer = writer
+        self.count_tokens = count_tokens
+        self.progress = progress
+        self.origin = origin
+        self.probes_path = probes_path
+        self.samples: dict[float, PointSamples] = {}
+        self.repeats: dict[float, int] = {}
+        self.loop_lag: dict[float, array] = {}
+        self.next_id = 0
+        self.guard = FailureGuard()
+
+    @property
+    def variable(self) -> str:
+        if self.config.sla is not None:
+            return self.config.search.variable.value
+        return "rate" if self.config.load.open_loop else "parallel"
+
+    def restore(self, value: float, repeats: int, rows: Iterable[Mapping[str, Any]], loop_lag: Iterable[float],
+                next_id: int) -> None:
+        """Load repeats measured by an earlier, interrupted run of the same config."""
+        self.samples.setdefault(value, PointSamples()).extend(rows)
+        self.repeats[value] = repeats
+        self.loop_lag.setdefault(value, array("d")).extend(loop_lag)
+        self.next_id = max(self.next_id, next_id)
+        self.guard.disarm()  # the earlier run already showed that the server answers
+
+    def plan_for(self, value: float, repeat: int) -> LoadPlan:
+        load, search = self.config.load, self.config.search
+        if self.config.sla is None:
+            return LoadPlan(parallel=load.parallel, rate=load.rate, number=load.number, warmup=load.warmup,
+                            arrival=load.arrival, burstiness=load.burstiness, duration=load.duration,
+                            seed=load.seed + repeat, first_id=self.next_id)
+        number = int(min(max(search.min_requests, math.ceil(search.requests_per_unit * value)), search.max_requests))
+        if search.variable is SearchVariable.parallel:
+            # Warmup fills every slot once, so measured requests start on a busy server.
+            return LoadPlan(parallel=int(value), rate=None, number=number, warmup=max(load.warmup, int(value)),
+                            duration=load.duration, seed=load.seed + repeat, first_id=self.next_id)
+        cap = search.rate_parallel_cap
+        return LoadPlan(parallel=cap, rate=value, number=number, warmup=max(load.warmup, math.ceil(value)),
+                        arrival=load.arrival, burstiness=load.burstiness, duration=load.duration,
+                        seed=load.seed + repeat, first_id=self.next_id)
+
+    async def measure_repeat(self, value: float, repeat: int) -> None:
+        plan = self.plan_for(value, repeat)
+        self.next_id += plan.total
+        label = f"{self.variable} {value:g} run {repeat + 1}"
+        task = self.progress.add_task(label, total=plan.total, status="")
+        samples = self.samples.setdefault(value, PointSamples())
+        started_at = now_iso()
+        recorded = 0
+
+        def on_record(record: Any) -> None:
+            nonlocal recorded
+            itl = finalize(record, self.count_tokens)
+            row = record_row(record, itl, origin=self.origin, variable=self.variable, value=value, repeat=repeat)
+            samples.add(row)
+            self.writer.add(row)
+            recorded += 1
+            self.progress.advance(task)
+            if self.guard.observe(record) and not load.done():
+                load.cancel()  # every request so far failed, so stop before sending more
+
+        load = asyncio.create_task(run_load(plan, self.client, self.prompts, on_record, keep_records=False))
+        try:
+            outcome = await load
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self.guard.error is not None and current is not None and not current.cancelling():
+                raise self.guard.error from None
+            raise
+        finally:
+            self.writer.flush()
+        self.guard.end_of_repeat()
+        self.loop_lag.setdefault(value, array("d")).extend(outcome.loop_lag)
+        self.repeats[value] = repeat + 1
+        self.progress.remove_task(task)
+        self._write_probe_line(value, repeat, plan, recorded, started_at, outcome.loop_lag)
+
+    def _write_probe_line(self, value: float, repeat: int, plan: LoadPlan, recorded: int, started_at: str,
+                          loop_lag: list[float]) -> None:
+        if self.probes_path is None:
+            return
+        line = {
+            "variable": self.variable, "value": value, "repeat": repeat, "requests": recorded,
+            "first_id": plan.first_id, "last_id": plan.first_id + plan.total - 1,
+            "started_at": started_at, "ended_at": now_iso(),
+            # Event-loop lag samples in seconds, kept so a resumed run judges client-boundness alike.
+            "loop_lag": [round(sample, 6) for sample in loop_lag],
+        }
+        with self.probes_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line) + "\n")
+
+    async def ensure(self, value: float, runs: int) -> None:
+        """Measure the missing repeats of ``value`` so that at least ``runs`` exist."""
+        for repeat in range(self.repeats.get(value, 0), runs):
+            await self.measure_repeat(value, repeat)
+
+    def summary_row(self, value: float, bounds: Optional[dict[str, float]] = None) -> dict[str, Any]:
+        samples = self.samples.get(value) or PointSamples()
+        row: dict[str, Any] = {"parallel": math.nan, "rate": math.nan}
+        if self.variable == "parallel":
+            row["parallel"] = value
+        else:
+            row["rate"] = value
+            row["parallel"] = self.config.search.rate_parallel_cap if self.config.sla else self.config.load.parallel
+        row |= summarize(samples.frame(), bounds)
+        lag = np.asarray(self.loop_lag.get(value, array("d")), dtype=float)
+        row["loop_lag_p99"] = float(np.percentile(lag, 99)) if lag.size else math.nan
+        reasons = []
+        if self.variable == "rate" and row["lateness_p99"] > CLIENT_BOUND_SECONDS:
+            reasons.append(f"schedule lateness p99 {row['lateness_p99'] * 1000:.1f} ms")
+        if row["loop_lag_p99"] > CLIENT_BOUND_SECONDS:
+            reasons.append(f"event-loop lag p99 {row['loop_lag_p99'] * 1000:.1f} ms")
+        row["client_bound"] = bool(reasons)
+        row["client_note"] = "; ".join(reasons)
+        return row
+
+    async def probe(self, value: float, runs: int) -> Any:
+        from runner.sla.probe import ProbeResult
+
+        await self.ensure(value, runs)
+        row = self.summary_row(value)
+        return ProbeResult(
+            value=value,
+            runs=self.repeats[value],
+            metrics=row,
+            client_bound=row["client_bound"],
+            client_note=row["client_note"],
+            goodput=lambda bounds, value=value: self.summary_row(value, bounds)["goodput"],
+        )
+
+    def summary_frame(self, bounds: Optional[dict[str, float]] = None) -> pd.DataFrame:
+        values = [value for value in sorted(self.samples) if len(self.samples[value])]
+        return pd.DataFrame([self.summary_row(value, bounds) for value in values])

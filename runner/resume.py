@@ -1,0 +1,148 @@
+"""Continue an interrupted SLA tune: ``python -m runner.resume RUN_DIR [key=value ...]``.
+
+The run folder's ``.hydra/config.yaml`` gives the settings, ``probes.jsonl`` the repeats
+that finished and ``requests.csv`` their requests. Finished repeats are loaded into the
+prober's cache; rows of a repeat cut by the interruption are removed from requests.csv
+(the old file is kept as ``requests.csv.before-resume``) and that repeat is measured again.
+The tuner then runs its search from the start, and the cache makes every point measured
+before free, so no probe is lost and none is measured twice. New rows are appended.
+
+Secret header values were redacted from config.yaml, so pass them again as overrides
+(``endpoint.headers.Authorization=...``); extra overrides are merged over the saved config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from runner.config import RunConfig
+from runner.errors import ConfigError, DataError, RunnerError
+from runner.interrupt import Interrupted, install_handlers
+from runner.output import read_requests
+from runner.prober import PROBES_FILE
+
+log = logging.getLogger(__name__)
+
+BACKUP_SUFFIX = ".before-resume"
+
+
+def load_config(run_dir: Path, overrides: list[str]) -> RunConfig:
+    """Rebuild the typed settings of a run folder, with ``overrides`` merged over them."""
+    from runner.__main__ import to_run_config
+
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise DataError(f"{path} not found; pass a run folder written by python -m runner")
+    try:
+        saved = OmegaConf.load(path)
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), saved, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot apply {path} and the overrides: {str(exc).splitlines()[0]}") from None
+    return to_run_config(merged)
+
+
+def read_probes(path: Path) -> dict[tuple[float, int], dict[str, Any]]:
+    """Return the finished repeats listed in probes.jsonl by (value, repeat)."""
+    probes: dict[tuple[float, int], dict[str, Any]] = {}
+    if not path.is_file():
+        return probes
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            probes[(float(item["value"]), int(item["repeat"]))] = item
+        except (ValueError, KeyError, TypeError):
+            # A line cut by the interruption; its repeat counts as unfinished.
+            log.warning("%s line %s is incomplete; its repeat will be measured again", path, number)
+    return probes
+
+
+def _row_key(row: dict[str, str]) -> tuple[float, int]:
+    return float(row["value"]), int(row["repeat"])
+
+
+def prune(run_dir: Path) -> tuple[dict[tuple[float, int], dict[str, Any]], int]:
+    """Drop rows and probe lines of unfinished repeats; return the finished repeats and the next free id."""
+    requests_path = run_dir / "requests.csv"
+    probes_path = run_dir / PROBES_FILE
+    if not requests_path.is_file():
+        raise DataError(f"{requests_path} not found; nothing to resume")
+    probes = read_probes(probes_path)
+    with requests_path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        header = reader.fieldnames or []
+        rows = [row for row in reader if row.get("repeat") not in (None, "")]
+    counts: dict[tuple[float, int], int] = {}
+    for row in rows:
+        counts[_row_key(row)] = counts.get(_row_key(row), 0) + 1
+    finished = {key: item for key, item in probes.items() if counts.get(key) == int(item["requests"])}
+    next_id = max((int(row["request_id"]) for row in rows), default=-1) + 1
+    next_id = max([next_id] + [int(item.get("last_id", -1)) + 1 for item in probes.values()])
+
+    kept = [row for row in rows if _row_key(row) in finished]
+    if len(kept) != len(rows) or len(finished) != len(probes):
+        shutil.copyfile(requests_path, requests_path.with_name(requests_path.name + BACKUP_SUFFIX))
+        with requests_path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(kept)
+        with probes_path.open("w", encoding="utf-8") as handle:
+            for item in finished.values():
+                handle.write(json.dumps(item) + "\n")
+        log.info("dropped %s rows of unfinished repeats from %s", len(rows) - len(kept), requests_path)
+    return finished, next_id
+
+
+def resume(run_dir: Path, overrides: list[str]) -> int:
+    from runner.run import Resumed, execute
+
+    config = load_config(run_dir, overrides)
+    if config.sla is None:
+        raise ConfigError(f"{run_dir} is not an SLA tune (no sla in its config); only tunes can be resumed")
+    finished, next_id = prune(run_dir)
+    resumed = Resumed(next_id=next_id)
+    frame = read_requests(run_dir / "requests.csv")
+    for value in sorted({value for value, _ in finished}):
+        repeats = sorted(repeat for v, repeat in finished if v == value)
+        # Only a run of repeats 0..n-1 can be reused as it is; a gap is measured again.
+        count = next((i for i, repeat in enumerate(repeats) if repeat != i), len(repeats))
+        selected = frame[(frame["value"] == value) & (frame["repeat"] < count)]
+        lag = [sample for repeat in range(count) for sample in finished[(value, repeat)].get("loop_lag", [])]
+        resumed.points[value] = (count, selected.to_dict("records"), lag)
+    log.info("resuming %s with %s finished repeats", run_dir, sum(p[0] for p in resumed.points.values()))
+    return execute(config, run_dir, resumed=resumed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runner.resume", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="run folder of the interrupted SLA tune")
+    parser.add_argument("overrides", nargs="*", help="key=value settings merged over the saved config")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    install_handlers()
+    try:
+        return resume(args.run_dir, args.overrides)
+    except RunnerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted by SIGINT", file=sys.stderr)
+        return 130
+    except Interrupted as exc:
+        print(f"interrupted by {exc.args[0]}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

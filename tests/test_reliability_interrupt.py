@@ -1,0 +1,97 @@
+"""SIGINT and SIGTERM at any moment write what was measured and stop the simulated server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.paths import REPO
+
+LONG_RUN = ["progress=false", "model.sim_profile=fast", "load.parallel=16", "load.number=1000000",
+            "request.max_tokens=32", "dataset.min_prompt_length=16", "dataset.max_prompt_length=16",
+            "dataset.num_prompts=64"]
+LONG_TUNE = [*LONG_RUN, "+sla=custom", 'sla.rules=[{p99_ttft:"<=10"}]', "search.upper_bound=64",
+             "search.min_requests=100000", "search.max_requests=100000"]
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(item) for item in path.read_text().split()] if path.exists() else []
+
+
+def alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def wait_for_rows(out_dir: Path, process: subprocess.Popen, timeout: float = 60) -> None:
+    """Wait until requests.csv holds more than the header, i.e. some requests were measured."""
+    deadline = time.monotonic() + timeout
+    path = out_dir / "requests.csv"
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        if path.exists() and len(path.read_text().splitlines()) > 1:
+            return
+        time.sleep(0.2)
+    raise AssertionError("no request was written within the timeout")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("mode", ["run", "tune"])
+def test_signal_writes_results(tmp_path, signum, mode):
+    out_dir = tmp_path / "run"
+    overrides = LONG_RUN if mode == "run" else LONG_TUNE
+    process = subprocess.Popen([sys.executable, "-m", "runner", f"hydra.run.dir={out_dir}", *overrides],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_rows(out_dir, process)
+        sims = children(process.pid)
+        assert sims, "the simulated server child was not found"
+
+        sent = time.monotonic()
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=30)
+        elapsed = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert process.returncode == 128 + signum, stderr
+    assert elapsed < 15
+    assert "Traceback" not in stderr
+    assert f"interrupted by {signal.Signals(signum).name}" in stderr
+    for pid in sims:
+        assert not alive(pid)
+    summary = pd.read_csv(out_dir / "summary.csv")
+    assert summary["requests"].iloc[0] > 0
+    requests = pd.read_csv(out_dir / "requests.csv")
+    assert len(requests) >= summary["requests"].sum()
+    assert (out_dir / "performance_summary.txt").read_text().strip()
+    assert (out_dir / "manifest.json").is_file()
+    if mode == "tune":
+        sla = pd.read_csv(out_dir / "sla_summary.csv")
+        assert sla["note"].tolist() == ["interrupted"]
+
+
+@pytest.mark.timeout(60)
+def test_signal_before_load_exits_cleanly(tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "runner", f"hydra.run.dir={tmp_path / 'run'}", *LONG_RUN],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # inside Hydra's start-up or the tokenizer load
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr

@@ -1,0 +1,77 @@
+"""The API key and secret header values appear in no file the runner writes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from tests.paths import REPO
+
+API_KEY = "sk-test-4f1c9d2e7a6b"
+HEADER_SECRET = "hdr-secret-88e21b0c"
+COOKIE_SECRET = "session-77a0f3d9"
+CHAT = "/v1/chat/completions"
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    if request.headers.get("Authorization") != f"Bearer {API_KEY}" or request.headers.get("X-Api-Token") != HEADER_SECRET:
+        return web.json_response({"error": {"message": "invalid credentials"}}, status=401)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for word in ("one", " two", " three"):
+        await response.write(b'data: {"choices":[{"index":0,"delta":{"content":"' + word.encode() + b'"}}]}\n\n')
+    await response.write(b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n')
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+def scan(folder: Path, secrets: list[str]) -> list[str]:
+    found = []
+    for path in folder.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            found += [f"{path.relative_to(folder)}: {secret}" for secret in secrets if secret.encode() in data]
+    return found
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("multirun", [False, True], ids=["run", "multirun"])
+async def test_no_secret_in_outputs(aiohttp_server, tmp_path, multirun):
+    app = web.Application()
+    app.router.add_post(CHAT, chat)
+    server = await aiohttp_server(app)
+    out_dir = tmp_path / "out"
+    folder = ["-m", f"hydra.sweep.dir={out_dir}"] if multirun else [f"hydra.run.dir={out_dir}"]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "runner", *folder, "progress=false", "load.number=10", "load.warmup=0",
+        "endpoint=openai", f"endpoint.url=http://127.0.0.1:{server.port}{CHAT}", "endpoint.api_key_env=RUNNER_TEST_KEY",
+        f"+endpoint.headers.X-Api-Token={HEADER_SECRET}", f"+endpoint.headers.Cookie='sid={COOKIE_SECRET}'",
+        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "RUNNER_TEST_KEY": API_KEY},
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 80)
+
+    assert process.returncode == 0, stderr.decode()
+    secrets = [API_KEY, HEADER_SECRET, COOKIE_SECRET]
+    assert not [s for s in secrets if s in stdout.decode() + stderr.decode()]
+    requests = next(out_dir.rglob("requests.csv")).read_text()
+    assert requests.count("True") >= 10  # the server accepted the credentials
+    assert list(out_dir.rglob("config.yaml")) and list(out_dir.rglob("overrides.yaml"))
+    assert scan(out_dir, secrets) == []
+
+
+def test_error_line_hides_secret_override(tmp_path):
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "runner", f"hydra.run.dir={tmp_path}",
+                           f"+endpoint.headers.Cookie=sid={COOKIE_SECRET}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 2
+    assert COOKIE_SECRET not in done.stderr + done.stdout
