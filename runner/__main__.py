@@ -33,6 +33,9 @@ from runner.errors import RunnerError
 log = logging.getLogger("runner")
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
+# `${pid:}` in hydra.sweep.dir keeps two sweeps started in the same microsecond apart.
+if not OmegaConf.has_resolver("pid"):
+    OmegaConf.register_new_resolver("pid", os.getpid)
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

@@ -22,6 +22,7 @@ from runner.client.finalize import finalize
 from runner.client.openai import OpenAIClient
 from runner.config import RunConfig, SearchVariable
 from runner.load import LoadPlan, run_load
+from runner.workers import ClientArgs, run_load_in_workers, workers_for
 from runner.manifest import now_iso
 from runner.metrics import summarize
 from runner.output import RequestsWriter, record_row
@@ -53,6 +54,7 @@ class LoadPointProber:
         progress: Any,
         origin: float,
         probes_path: Optional[Path] = None,
+        client_args: Optional[ClientArgs] = None,
     ) -> None:
         self.config = config
         self.client = client
@@ -62,6 +64,8 @@ class LoadPointProber:
         self.progress = progress
         self.origin = origin
         self.probes_path = probes_path
+        # Settings from which worker processes build their own clients (load.workers > 1).
+        self.client_args = client_args
         self.samples: dict[float, PointSamples] = {}
         self.repeats: dict[float, int] = {}
         self.loop_lag: dict[float, array] = {}
@@ -119,7 +123,13 @@ class LoadPointProber:
             if self.guard.observe(record) and not load.done():
                 load.cancel()  # every request so far failed, so stop before sending more
 
-        load = asyncio.create_task(run_load(plan, self.client, self.prompts, on_record, keep_records=False))
+        workers = workers_for(self.config.load, plan)
+        if self.client_args is not None and (workers > 1 or self.config.load.uses_ray):
+            coroutine = run_load_in_workers(plan, workers, self.client_args, self.prompts, on_record,
+                                            backend=self.config.load.backend, ray_address=self.config.load.ray_address)
+        else:
+            coroutine = run_load(plan, self.client, self.prompts, on_record, keep_records=False)
+        load = asyncio.create_task(coroutine)
         try:
             outcome = await load
         except asyncio.CancelledError:

@@ -31,6 +31,7 @@ from runner.manifest import now_iso, write_manifest, write_prompts
 from runner.metrics import SUMMARY_COLUMNS
 from runner.output import RequestsWriter, write_summary
 from runner.preflight import check_inputs, preflight
+from runner.workers import ClientArgs
 from runner.prober import PROBES_FILE, LoadPointProber
 from runner.redact import redact_argv, secret_values
 from runner.tokenizer import load_tokenizer, resolve_tokenizer_path, token_counter
@@ -103,8 +104,9 @@ async def _measure(config: RunConfig, out_dir: Path, console: Console, result: d
                 raise
             result["server_models"] = await client.fetch_models()
             with views.make_progress(console, config.progress) as progress:
+                client_args = ClientArgs(config.endpoint, config.model, config.request, base_url, pool_size)
                 prober = LoadPointProber(config, client, prompts, writer, count_tokens, progress, time.perf_counter(),
-                                         probes_path=out_dir / PROBES_FILE)
+                                         probes_path=out_dir / PROBES_FILE, client_args=client_args)
                 if resumed is not None:
                     for value, (repeats, rows, lag) in resumed.points.items():
                         prober.restore(value, repeats, rows, lag, resumed.next_id)

@@ -25,7 +25,6 @@ import dataclasses
 import logging
 import math
 import multiprocessing
-import os
 import queue
 import signal
 import threading
@@ -42,12 +41,6 @@ from runner.load import SCHEDULE_LEAD, LoadOutcome, LoadPlan, Sender, _watch_loo
 
 log = logging.getLogger(__name__)
 
-# Automatic worker count (load.workers=null): 1 below these loads, else up to MAX_AUTO_WORKERS.
-# NOTE: the thresholds are estimates. bench/workers.py shows one process falling behind at
-# concurrency 256 on a 2-core machine, but where it starts to fall behind depends on the CPU.
-AUTO_PARALLEL_THRESHOLD = 128
-AUTO_RATE_THRESHOLD = 200.0
-MAX_AUTO_WORKERS = 4
 # A worker sends its finished records when this many are waiting or this many seconds passed.
 BATCH_RECORDS = 50
 BATCH_SECONDS = 0.1
@@ -110,12 +103,14 @@ class WorkerResult:
 
 
 def auto_workers(plan: LoadPlan) -> int:
-    """Return the worker count for load.workers=null: 1, or more for loads one process cannot drive."""
-    if plan.rate is None:
-        large = (plan.parallel or 0) > AUTO_PARALLEL_THRESHOLD
-    else:
-        large = plan.rate > AUTO_RATE_THRESHOLD
-    return min(os.cpu_count() or 1, MAX_AUTO_WORKERS) if large else 1
+    """Return the worker count for load.workers=null, which is 1 for now.
+
+    NOTE: on a 2-core machine (bench/workers.py) two worker processes delivered fewer
+    requests/s than one in-process loop, so workers are only used when load.workers asks for
+    them.
+    """
+    del plan
+    return 1
 
 
 def workers_for(load: LoadConfig, plan: LoadPlan) -> int:

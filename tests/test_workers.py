@@ -19,7 +19,6 @@ from runner.metrics import summarize
 from runner.output import record_row
 from runner.testing.scripted import Reply, ScriptedServerProcess, token_timeline
 from runner.workers import (
-    MAX_AUTO_WORKERS,
     ClientArgs,
     auto_workers,
     run_load_in_workers,
@@ -85,12 +84,10 @@ def test_split_rejects_zero_workers():
 
 
 def test_auto_workers_rule():
-    cores = min(os.cpu_count() or 1, MAX_AUTO_WORKERS)
+    # Workers are opt-in until they beat one process (see runner.workers.auto_workers).
     assert auto_workers(LoadPlan(parallel=128, rate=None, number=10)) == 1
-    assert auto_workers(LoadPlan(parallel=129, rate=None, number=10)) == cores
-    assert auto_workers(LoadPlan(parallel=1000, rate=200.0, number=10)) == 1
-    assert auto_workers(LoadPlan(parallel=None, rate=201.0, number=10)) == cores
-
+    assert auto_workers(LoadPlan(parallel=1000, rate=None, number=10)) == 1
+    assert auto_workers(LoadPlan(parallel=None, rate=1000.0, number=10)) == 1
 
 def test_workers_setting_overrides_rule():
     plan = LoadPlan(parallel=1000, rate=None, number=10)
