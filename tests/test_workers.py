@@ -161,7 +161,9 @@ async def test_open_loop_keeps_global_schedule():
     scheduled = [r.scheduled_at - outcome.started_at for r in records]
     assert scheduled == pytest.approx(arrival_offsets(plan), abs=1e-9)
     lateness = [r.sent_at - r.scheduled_at for r in records]
-    assert max(lateness) < 0.02
+    # A loose bound: sends follow the schedule, not a backlog. Precise lateness figures are
+    # benchmark results (bench/workers.py), because a busy machine delays single sends.
+    assert max(lateness) < 0.2
 
 
 async def test_duration_cuts_every_worker():
