@@ -22,7 +22,7 @@ install: $(STAMP) ## Create .venv and install the runner with its test tools
 run: $(STAMP) ## Benchmark the embedded simulated server (extra Hydra overrides: ARGS='load.parallel=8')
 	$(PY) -m runner $(ARGS)
 
-test: $(STAMP) ## Run the default test suite (about 5 minutes on 2 cores)
+test: $(STAMP) ## Run the default test suite (about 8 minutes on 2 cores)
 	$(PY) -m pytest -m "not slow and not engine" -q $(ARGS)
 
 test-slow: $(STAMP) ## Run the slow end-to-end tests (SLA tunes, sweeps)
