@@ -206,7 +206,10 @@ class LoadConfig:
     duration: Optional[float] = None
     # Seed of the arrival schedule.
     seed: int = 0
-    # Processes (or Ray actors) that send the load; null: 1, or up to 4 for large loads.
+    # Seconds: a load point whose p99 schedule lateness (open loop) or event-loop lag exceeds
+    # this is marked client-bound, and the SLA search never takes it as the server's verdict.
+    max_client_delay: float = 0.025
+    # Processes (or Ray actors) that send the load; null: automatic (1 for now).
     workers: Optional[int] = None
     # Where the workers run: `process` (this machine) or `ray` (Ray actors).
     backend: LoadBackend = LoadBackend.process
@@ -214,6 +217,7 @@ class LoadConfig:
     ray_address: Optional[str] = None
 
     def __post_init__(self) -> None:
+        _require(self.max_client_delay > 0, f"load.max_client_delay must be > 0 seconds, got {self.max_client_delay}")
         _require(
             self.workers is None or self.workers >= 1,
             f"load.workers must be >= 1 or null (automatic), got {self.workers}",
@@ -262,8 +266,10 @@ class SearchConfig:
     rate_resolution: float = 0.05
     # Measured requests per repeat: at least this many ...
     min_requests: int = 100
-    # ... and at least this many per unit of load (per concurrency slot or per request/s).
+    # ... and at least this many per concurrency slot (parallel search) ...
     requests_per_unit: float = 4.0
+    # ... or this many seconds of arrivals (rate search), so a queue has time to build ...
+    rate_repeat_seconds: float = 10.0
     # ... capped at this many, so probes at high load stay bounded.
     max_requests: int = 2000
     # Extra repeats allowed for a probe whose metric lies within noise of a threshold.
@@ -290,6 +296,10 @@ class SearchConfig:
         )
         _require(self.min_requests >= 1, f"search.min_requests must be >= 1, got {self.min_requests}")
         _require(self.requests_per_unit >= 0, f"search.requests_per_unit must be >= 0, got {self.requests_per_unit}")
+        _require(
+            self.rate_repeat_seconds >= 0,
+            f"search.rate_repeat_seconds must be >= 0, got {self.rate_repeat_seconds}",
+        )
         _require(
             self.max_requests >= self.min_requests,
             f"search.max_requests must be >= search.min_requests ({self.min_requests}), got {self.max_requests}",

@@ -31,9 +31,6 @@ from runner.samples import PointSamples
 
 log = logging.getLogger(__name__)
 
-# A load point whose client lateness or event-loop lag p99 exceeds this many seconds was not
-# delivered faithfully by the client, so its numbers are not the server's.
-CLIENT_BOUND_SECONDS = 0.025
 PROBES_FILE = "probes.jsonl"
 
 
@@ -93,7 +90,11 @@ class LoadPointProber:
             return LoadPlan(parallel=load.parallel, rate=load.rate, number=load.number, warmup=load.warmup,
                             arrival=load.arrival, burstiness=load.burstiness, duration=load.duration,
                             seed=load.seed + repeat, first_id=self.next_id)
-        number = int(min(max(search.min_requests, math.ceil(search.requests_per_unit * value)), search.max_requests))
+        if search.variable is SearchVariable.parallel:
+            wanted = search.requests_per_unit * value
+        else:
+            wanted = search.rate_repeat_seconds * value
+        number = int(min(max(search.min_requests, math.ceil(wanted)), search.max_requests))
         if search.variable is SearchVariable.parallel:
             # Warmup fills every slot once, so measured requests start on a busy server.
             return LoadPlan(parallel=int(value), rate=None, number=number, warmup=max(load.warmup, int(value)),
@@ -176,9 +177,10 @@ class LoadPointProber:
         lag = np.asarray(self.loop_lag.get(value, array("d")), dtype=float)
         row["loop_lag_p99"] = float(np.percentile(lag, 99)) if lag.size else math.nan
         reasons = []
-        if self.variable == "rate" and row["lateness_p99"] > CLIENT_BOUND_SECONDS:
+        limit = self.config.load.max_client_delay
+        if self.variable == "rate" and row["lateness_p99"] > limit:
             reasons.append(f"schedule lateness p99 {row['lateness_p99'] * 1000:.1f} ms")
-        if row["loop_lag_p99"] > CLIENT_BOUND_SECONDS:
+        if row["loop_lag_p99"] > limit:
             reasons.append(f"event-loop lag p99 {row['loop_lag_p99'] * 1000:.1f} ms")
         row["client_bound"] = bool(reasons)
         row["client_note"] = "; ".join(reasons)
