@@ -22,7 +22,7 @@ TIMED_METRICS = ("latency", "ttft", "tpot", "itl")
 # space-separated, in seconds.
 REQUEST_COLUMNS = [
     "variable", "value", "repeat", "request_id", "warmup",
-    "scheduled_at", "sent_at", "first_token_at", "ended_at",
+    "scheduled_at", "dispatched_at", "sent_at", "first_token_at", "ended_at",
     "ttft", "latency", "tpot", "prompt_tokens", "completion_tokens",
     "token_source", "finish_reason", "success", "error", "status", "itl",
 ]
@@ -32,7 +32,7 @@ SUMMARY_COLUMNS = (
     ["parallel", "rate", "requests", "success_rate", "rps", "tps", "total_tps", "goodput"]
     + [f"{stat}_{metric}" for metric in TIMED_METRICS for stat in ("avg", "p50", "p90", "p99")]
     + ["runs", "warmup", "failures", "empty_outputs", "duration",
-       "lateness_p50", "lateness_p99", "loop_lag_p99", "client_bound", "client_note"]
+       "lateness_p50", "lateness_p99", "connect_p99", "loop_lag_p99", "client_bound", "client_note"]
 )
 
 
@@ -106,7 +106,12 @@ def summarize(frame: pd.DataFrame, bounds: Optional[dict[str, float]] = None) ->
     itl = np.concatenate([np.asarray(s, dtype=float) for s in ok["itl"]]) if len(ok) else np.array([])
     row |= describe(itl, "itl")
 
-    lateness = (measured["sent_at"] - measured["scheduled_at"]).dropna()
+    # The client's own delay ends when it hands the request to the HTTP client; waiting for a
+    # pooled connection and opening one (connect) depend on the server accepting connections.
+    handed = measured["dispatched_at"] if "dispatched_at" in measured else measured["sent_at"]
+    handed = handed.fillna(measured["sent_at"])
+    lateness = (handed - measured["scheduled_at"]).dropna()
+    connect = (measured["sent_at"] - handed).dropna()
     row |= {
         "runs": int(measured["repeat"].nunique()) if requests else 0,
         "warmup": int(len(frame) - requests),
@@ -115,5 +120,6 @@ def summarize(frame: pd.DataFrame, bounds: Optional[dict[str, float]] = None) ->
         "duration": window,
         "lateness_p50": float(np.percentile(lateness, 50)) if len(lateness) else math.nan,
         "lateness_p99": float(np.percentile(lateness, 99)) if len(lateness) else math.nan,
+        "connect_p99": float(np.percentile(connect, 99)) if len(connect) else math.nan,
     }
     return row

@@ -38,6 +38,7 @@ def record_row(
         "request_id": record.request_id,
         "warmup": record.warmup,
         "scheduled_at": _relative(record.scheduled_at, origin),
+        "dispatched_at": _relative(record.dispatched_at, origin),
         "sent_at": _relative(record.sent_at, origin),
         "first_token_at": _relative(record.first_token_at, origin),
         "ended_at": _relative(record.ended_at, origin),

@@ -43,7 +43,7 @@ CLOCK_SAMPLES = 7
 # Seconds between sending the start time and the common start; Ray method calls take
 # milliseconds on one machine and can take tens of milliseconds across a network.
 RAY_START_MARGIN = 0.25
-_TIME_FIELDS = ("scheduled_at", "sent_at", "first_token_at", "last_token_at", "ended_at")
+_TIME_FIELDS = ("scheduled_at", "dispatched_at", "sent_at", "first_token_at", "last_token_at", "ended_at")
 
 
 def import_ray() -> Any:

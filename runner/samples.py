@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 # Columns kept as float64; None becomes NaN.
-FLOAT_COLUMNS = ("scheduled_at", "sent_at", "ended_at", "ttft", "latency", "tpot",
+FLOAT_COLUMNS = ("scheduled_at", "dispatched_at", "sent_at", "ended_at", "ttft", "latency", "tpot",
                  "prompt_tokens", "completion_tokens")
 
 
@@ -44,7 +44,7 @@ class PointSamples:
     def add(self, row: Mapping[str, Any]) -> None:
         """Append one requests.csv row (``itl`` as a sequence of seconds)."""
         for name, column in self._floats.items():
-            column.append(_number(row[name]))
+            column.append(_number(row.get(name)))
         self._repeat.append(int(row["repeat"]))
         self._warmup.append(bool(row["warmup"]))
         self._success.append(bool(row["success"]))

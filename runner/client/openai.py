@@ -196,6 +196,7 @@ class OpenAIClient:
             # The dataset's count is used until the server's usage arrives.
             record.prompt_tokens = prompt.prompt_tokens
         record.success = False
+        record.dispatched_at = _perf_counter()
         try:
             for attempt in range(2):
                 # Fallback for when the trace signal never fires (for example, the connection failed).

@@ -34,6 +34,9 @@ class RequestRecord:
     warmup: bool = False
     # When the load shaper meant to send the request.
     scheduled_at: Optional[float] = None
+    # When the request was handed to the HTTP client. Waiting for a pooled connection and
+    # opening one come after this, so dispatched_at - scheduled_at is the client's own delay.
+    dispatched_at: Optional[float] = None
     # When the request was handed to the socket (the moment its body was written).
     sent_at: Optional[float] = None
     # Arrival of the first chunk that carries generated text on any channel.
