@@ -24,6 +24,12 @@ BENCHMARKS = {
     "timing": Benchmark("bench.timing", "runner TTFT and ITL error against a scripted server's log (~6 min)", True),
     "peers": Benchmark("bench.peers", "runner beside evalscope, aiperf and guidellm: ceiling, timing, "
                                       "pacing, start-up (~25 min; installs the peers once)", True),
+    "report": Benchmark("bench.report_speed", "python -m runner.report over 200 runs of 5,000 requests (~3 min)", True),
+    "sla_capacity": Benchmark("bench.sla_capacity", "fine sweep that fixes the reference SLA capacity (~15 min)", False),
+    "sla_vs_plain": Benchmark("bench.sla_vs_plain", "SLA tune against the plain doubling-and-bisection search "
+                                                    "(~30 min)", False),
+    "workers": Benchmark("bench.workers", "requests/s and TTFT error with 1 and 2 worker processes (~5 min)", False),
+    "soak": Benchmark("bench.soak", "memory of a long steady run (RSS every 10 s; 30 min by default)", False),
 }
 
 
