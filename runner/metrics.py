@@ -24,14 +24,16 @@ REQUEST_COLUMNS = [
     "variable", "value", "repeat", "request_id", "warmup",
     "scheduled_at", "dispatched_at", "sent_at", "first_token_at", "ended_at",
     "ttft", "latency", "tpot", "prompt_tokens", "completion_tokens",
-    "token_source", "finish_reason", "success", "error", "status", "itl",
+    "token_source", "finish_reason", "success", "error", "status",
+    "max_tokens", "expected_prompt_tokens", "tokenizer_tokens", "itl",
 ]
 
 # summary.csv columns, in order: the contract's columns first, then client-health columns.
 SUMMARY_COLUMNS = (
     ["parallel", "rate", "requests", "success_rate", "rps", "tps", "total_tps", "goodput"]
     + [f"{stat}_{metric}" for metric in TIMED_METRICS for stat in ("avg", "p50", "p90", "p99")]
-    + ["runs", "warmup", "failures", "empty_outputs", "duration",
+    + ["runs", "warmup", "failures", "empty_outputs", "short_outputs", "prompt_tokens_mismatch",
+       "completion_tokens_mismatch", "duration",
        "lateness_p50", "lateness_p99", "connect_p99", "loop_lag_p99", "client_bound", "client_note"]
 )
 
@@ -77,6 +79,37 @@ def _max_or_nan(samples: Any) -> float:
     return float(np.max(samples)) if len(samples) else math.nan
 
 
+# Two token counts disagree when they differ by more than this fraction (and by 2 tokens).
+COUNT_TOLERANCE = 0.05
+# An output under ignore_eos is short when it has fewer than this fraction of max_tokens.
+SHORT_OUTPUT_FRACTION = 0.9
+
+
+def _disagree(counted: pd.Series, expected: pd.Series) -> int:
+    both = counted.notna() & expected.notna()
+    gap = (counted[both] - expected[both]).abs()
+    return int((gap > np.maximum(2, COUNT_TOLERANCE * expected[both])).sum())
+
+
+def count_checks(ok: pd.DataFrame) -> dict[str, int]:
+    """Count successful requests whose token counts look wrong.
+
+    short_outputs: fewer than 90 % of max_tokens. With request.ignore_eos every output should
+    reach max_tokens, so a count above 0 warns that two runs with different real output
+    lengths are not the same workload.
+    prompt_tokens_mismatch: the server's usage.prompt_tokens differs from the dataset's count.
+    completion_tokens_mismatch: usage.completion_tokens differs from the client tokenizer's.
+    """
+    checks = {"short_outputs": 0, "prompt_tokens_mismatch": 0, "completion_tokens_mismatch": 0}
+    if "max_tokens" in ok:
+        checks["short_outputs"] = int((ok["completion_tokens"] < SHORT_OUTPUT_FRACTION * ok["max_tokens"]).sum())
+    if "expected_prompt_tokens" in ok:
+        checks["prompt_tokens_mismatch"] = _disagree(ok["prompt_tokens"], ok["expected_prompt_tokens"])
+    if "tokenizer_tokens" in ok:
+        checks["completion_tokens_mismatch"] = _disagree(ok["tokenizer_tokens"], ok["completion_tokens"])
+    return checks
+
+
 def summarize(frame: pd.DataFrame, bounds: Optional[dict[str, float]] = None) -> dict[str, Any]:
     """Compute one summary.csv row (without the load columns) from request rows.
 
@@ -117,6 +150,7 @@ def summarize(frame: pd.DataFrame, bounds: Optional[dict[str, float]] = None) ->
         "warmup": int(len(frame) - requests),
         "failures": int(requests - len(ok)),
         "empty_outputs": int((ok["completion_tokens"].fillna(0) == 0).sum()),
+        **count_checks(ok),
         "duration": window,
         "lateness_p50": float(np.percentile(lateness, 50)) if len(lateness) else math.nan,
         "lateness_p99": float(np.percentile(lateness, 99)) if len(lateness) else math.nan,

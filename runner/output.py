@@ -52,6 +52,9 @@ def record_row(
         "success": record.success,
         "error": record.error,
         "status": record.status,
+        "max_tokens": record.max_tokens,
+        "expected_prompt_tokens": record.expected_prompt_tokens,
+        "tokenizer_tokens": record.tokenizer_tokens,
         "itl": list(itl),
     }
 

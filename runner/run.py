@@ -220,6 +220,26 @@ def tightest_bounds(groups: list[Any]) -> dict[str, float]:
     return bounds
 
 
+def _warn_about_counts(summary: pd.DataFrame, *, ignore_eos: bool) -> None:
+    """Log a warning for each load point whose token counts look wrong (see metrics.count_checks)."""
+    messages = {
+        "short_outputs": "%d outputs stopped below 90%% of max_tokens at %s %g; with ignore_eos every output "
+                         "should reach it (does the server honour ignore_eos?)",
+        "prompt_tokens_mismatch": "%d requests: the server's usage.prompt_tokens differs by more than 5%% from "
+                                  "the dataset's count at %s %g (is model.tokenizer the server's tokenizer?)",
+        "completion_tokens_mismatch": "%d requests: usage.completion_tokens differs by more than 5%% from the "
+                                      "client tokenizer's count at %s %g",
+    }
+    for row in summary.to_dict("records"):
+        variable = "parallel" if pd.isna(row.get("rate")) else "rate"
+        for column, message in messages.items():
+            if column == "short_outputs" and not ignore_eos:
+                continue  # outputs may end at end of sequence
+            count = row.get(column)
+            if count and not pd.isna(count) and count > 0:
+                log.warning(message, int(count), variable, row[variable])
+
+
 def write_reports(config: RunConfig, result: dict[str, Any], out_dir: Path, console: Console) -> None:
     prober: LoadPointProber = result["prober"]
     bounds = tightest_bounds(result.get("groups") or [])
@@ -234,6 +254,7 @@ def write_reports(config: RunConfig, result: dict[str, Any], out_dir: Path, cons
                                                          encoding="utf-8")
         return
     summary = write_summary(rows, out_dir / "summary.csv")
+    _warn_about_counts(summary, ignore_eos=config.request.ignore_eos)
     renderables: list[Any] = [views.metrics_table(summary)]
     best = views.best_configuration(summary)
     if best is not None:

@@ -17,7 +17,7 @@ import pandas as pd
 
 # Columns kept as float64; None becomes NaN.
 FLOAT_COLUMNS = ("scheduled_at", "dispatched_at", "sent_at", "ended_at", "ttft", "latency", "tpot",
-                 "prompt_tokens", "completion_tokens")
+                 "prompt_tokens", "completion_tokens", "max_tokens", "expected_prompt_tokens", "tokenizer_tokens")
 
 
 def _number(value: Any) -> float:

@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from runner.metrics import describe, meets_bounds, summarize
+from runner.metrics import count_checks, describe, meets_bounds, summarize
 
 
 def row(request_id, *, sent, ended, ttft=None, tpot=None, tokens=10, prompt=100, success=True,
@@ -89,3 +89,20 @@ def test_lateness_percentiles():
     summary = summarize(frame)
     assert summary["lateness_p50"] == pytest.approx(0.05)
     assert summary["lateness_p99"] == pytest.approx(0.099)
+
+
+def test_count_checks_flag_disagreements():
+    frame = pd.DataFrame({
+        "completion_tokens": [128, 100, 128, 64],
+        "max_tokens": [128, 128, 128, 128],
+        "prompt_tokens": [157, 157, 190, 157],
+        "expected_prompt_tokens": [157, 158, 157, None],
+        "tokenizer_tokens": [128, 100, 120, None],
+    })
+    checks = count_checks(frame)
+    # 100 and 64 of 128 are below 90 %.
+    assert checks["short_outputs"] == 2
+    # 190 against 157 is off by 33 tokens; 158 against 157 is within 2 tokens.
+    assert checks["prompt_tokens_mismatch"] == 1
+    # 120 against 128 is off by 8, more than 5 % of 128 (6.4).
+    assert checks["completion_tokens_mismatch"] == 1

@@ -24,6 +24,9 @@ def finalize(record: RequestRecord, count_tokens: Optional[TokenCounter]) -> lis
     if not record.token_source and count_tokens is not None:
         record.completion_tokens = count_tokens("".join(texts))
         record.token_source = "tokenizer"
+    elif record.token_source == "usage" and count_tokens is not None and record.success:
+        # Both counts exist: keep the client's, so a server whose usage disagrees shows up.
+        record.tokenizer_tokens = count_tokens("".join(texts))
     # A successful response that generated nothing keeps success=True (the server did what it
     # was asked), and its TTFT stays None because no chunk carried text.
     record.empty_output = record.success and (record.completion_tokens == 0 or not texts)

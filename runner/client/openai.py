@@ -192,9 +192,11 @@ class OpenAIClient:
         body = self.build_body(prompt)
         streaming = bool(body.get("stream"))
         data = dumps(body)
+        record.max_tokens = body.get("max_tokens")
         if prompt.prompt_tokens:
             # The dataset's count is used until the server's usage arrives.
             record.prompt_tokens = prompt.prompt_tokens
+            record.expected_prompt_tokens = prompt.prompt_tokens
         record.success = False
         record.dispatched_at = _perf_counter()
         try:

@@ -57,6 +57,12 @@ class RequestRecord:
     error: str = ""
     # Successful response that generated no tokens (its TTFT is None, never 0); set by finalize().
     empty_output: bool = False
+    # max_tokens sent with the request.
+    max_tokens: Optional[int] = None
+    # Prompt length the dataset expects the server to count (chat template included for chat).
+    expected_prompt_tokens: Optional[int] = None
+    # The client tokenizer's count of the output when the server also sent usage, to cross-check.
+    tokenizer_tokens: Optional[int] = None
     # Arrival time of every chunk that carried generated text, in order.
     chunk_times: list[float] = field(default_factory=list)
     # Generated text of each of those chunks (one entry for a non-streamed response); kept

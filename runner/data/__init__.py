@@ -12,7 +12,7 @@ from runner.client.record import Prompt
 from runner.config import Api, DatasetConfig, DatasetKind
 from runner.errors import DataError
 from runner.data.files import file_prompts
-from runner.data.random_prompts import random_prompts
+from runner.data.random_prompts import chat_template_overhead, random_prompts
 
 
 def build_prompts(config: DatasetConfig, tokenizer: Any, count: int, api: Api = Api.chat) -> list[Prompt]:
@@ -26,7 +26,13 @@ def build_prompts(config: DatasetConfig, tokenizer: Any, count: int, api: Api = 
         return replay_prompts(Path(str(config.path)))
     wanted = config.num_prompts or count
     if config.kind is DatasetKind.random:
-        return random_prompts(config, tokenizer, wanted)
+        prompts = random_prompts(config, tokenizer, wanted)
+        if api is Api.chat:
+            # Sent as one user message, so the server also counts the chat template's tokens.
+            overhead = chat_template_overhead(tokenizer)
+            for prompt in prompts:
+                prompt.prompt_tokens += overhead
+        return prompts
     return file_prompts(config, tokenizer, wanted, api)
 
 

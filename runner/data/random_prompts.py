@@ -43,6 +43,20 @@ def _single_token_words(tokenizer: Any) -> tuple[tuple[str, ...], tuple[int, ...
     return tuple(words), tuple(ids)
 
 
+def chat_template_overhead(tokenizer: Any) -> int:
+    """Return the tokens a chat template adds around one user message (0 without a template).
+
+    A server counts the rendered template in usage.prompt_tokens, so a random prompt of N
+    tokens sent to a chat endpoint is expected to count N plus this overhead.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return 0
+    text = " hello"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False)
+    return len(tokenizer.encode(rendered, add_special_tokens=False)) - len(tokenizer.encode(text, add_special_tokens=False))
+
+
 def random_prompts(config: DatasetConfig, tokenizer: Any, count: int) -> list[Prompt]:
     """Build ``count`` prompts whose lengths are drawn uniformly from [min, max] tokens.
 
