@@ -109,14 +109,18 @@ class Log:
     arrival: list[float] = field(default_factory=list)
     last_chunk: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    # Seconds from arrival to the write of the first token chunk (paced responses only).
+    first_token: list[float] = field(default_factory=list)
 
 
 class StreamProtocol(asyncio.Protocol):
     """One HTTP/1.1 keep-alive connection; the server responds to its requests in order."""
 
-    def __init__(self, log: Log, gap: float) -> None:
+    def __init__(self, log: Log, gap: float, ttft: Optional[float] = None) -> None:
         self.log = log
         self.gap = gap
+        # Seconds from a request's arrival to its first token; None: one gap.
+        self.ttft = gap if ttft is None else ttft
         self.buffer = bytearray()
         self.transport: Optional[asyncio.Transport] = None
         # With a gap, a response is written by a task; later requests on the connection wait for it.
@@ -209,27 +213,31 @@ class StreamProtocol(asyncio.Protocol):
             transport.write(_STREAM_HEAD + connection + _ROLE)
             # Absolute deadlines, so a late wake-up does not push the later tokens back.
             for i in range(tokens):
-                delay = arrival + (i + 1) * self.gap - time.perf_counter()
+                delay = arrival + self.ttft + i * self.gap - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 if self.transport is None:
                     return
                 transport.write(_TOKEN)
+                if i == 0:
+                    first = time.perf_counter()
             transport.write(tail)
-            self._record(arrival, tokens)
+            self._record(arrival, tokens, first if tokens else None)
             if connection.startswith(b"Connection: close"):
                 transport.close()
         finally:
             self.busy = None
         self._process()
 
-    def _record(self, arrival: float, tokens: int) -> None:
+    def _record(self, arrival: float, tokens: int, first_token: Optional[float] = None) -> None:
+        if first_token is not None:
+            self.log.first_token.append(first_token - arrival)
         self.log.arrival.append(arrival)
         self.log.last_chunk.append(time.perf_counter())
         self.log.tokens.append(tokens)
 
 
-async def serve(port: int, gap: float, log_path: Path, max_seconds: float) -> None:
+async def serve(port: int, gap: float, log_path: Path, max_seconds: float, ttft: Optional[float] = None) -> None:
     log = Log()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -237,7 +245,7 @@ async def serve(port: int, gap: float, log_path: Path, max_seconds: float) -> No
         loop.add_signal_handler(signum, stop.set)
     # A large backlog: the default of 100 drops SYNs of a burst of 256 connections, and the
     # kernel retries them only after a second.
-    server = await loop.create_server(lambda: StreamProtocol(log, gap), "127.0.0.1", port, backlog=4096)
+    server = await loop.create_server(lambda: StreamProtocol(log, gap, ttft), "127.0.0.1", port, backlog=4096)
     print(f"listening {server.sockets[0].getsockname()[1]}", flush=True)
     try:
         await asyncio.wait_for(stop.wait(), max_seconds)
@@ -246,6 +254,7 @@ async def serve(port: int, gap: float, log_path: Path, max_seconds: float) -> No
     server.close()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result = {"arrival": log.arrival, "last_chunk": log.last_chunk, "tokens": log.tokens,
+              "first_token": log.first_token,
               "cpu_seconds": usage.ru_utime + usage.ru_stime}
     log_path.write_text(json.dumps(result))
 
@@ -254,10 +263,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Fast streaming chat server for the peer benchmark.")
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0 = any free port)")
     parser.add_argument("--gap-ms", type=float, default=0.0, help="milliseconds between token chunks")
+    parser.add_argument("--ttft-ms", type=float, default=None,
+                        help="milliseconds from a request's arrival to its first token (default: one gap)")
     parser.add_argument("--log", type=Path, required=True, help="JSON file written at exit")
     parser.add_argument("--max-seconds", type=float, default=1800.0, help="stop by itself after this long")
     args = parser.parse_args(argv)
-    coroutine = serve(args.port, args.gap_ms / 1000, args.log, args.max_seconds)
+    ttft = None if args.ttft_ms is None else args.ttft_ms / 1000
+    coroutine = serve(args.port, args.gap_ms / 1000, args.log, args.max_seconds, ttft)
     try:
         import uvloop
     except ImportError:
@@ -276,14 +288,17 @@ class ServerLog:
     tokens: list[int]
     # The server's own user + system CPU seconds over its whole life.
     cpu_seconds: float
+    first_token: list[float] = field(default_factory=list)
 
 
 class FastServer:
     """Run `python -m bench.servers` as a child process inside `with`; `log` is set on exit."""
 
-    def __init__(self, log_path: Path, *, gap_ms: float = 0.0, max_seconds: float = 1800.0) -> None:
+    def __init__(self, log_path: Path, *, gap_ms: float = 0.0, ttft_ms: Optional[float] = None,
+                 max_seconds: float = 1800.0) -> None:
         self.log_path = log_path
         self.gap_ms = gap_ms
+        self.ttft_ms = ttft_ms
         self.max_seconds = max_seconds
         self.process: Optional[subprocess.Popen[str]] = None
         self.port = 0
@@ -296,6 +311,8 @@ class FastServer:
     def __enter__(self) -> FastServer:
         command = [sys.executable, "-m", "bench.servers", "--log", str(self.log_path),
                    "--gap-ms", str(self.gap_ms), "--max-seconds", str(self.max_seconds)]
+        if self.ttft_ms is not None:
+            command += ["--ttft-ms", str(self.ttft_ms)]
         repo = Path(__file__).resolve().parent.parent
         self.process = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, text=True)
         assert self.process.stdout is not None
@@ -319,7 +336,8 @@ class FastServer:
         self.process = None
         if self.log_path.exists():
             data = json.loads(self.log_path.read_text())
-            self.log = ServerLog(data["arrival"], data["last_chunk"], data["tokens"], data["cpu_seconds"])
+            self.log = ServerLog(data["arrival"], data["last_chunk"], data["tokens"], data["cpu_seconds"],
+                                 data.get("first_token", []))
 
     @property
     def pid(self) -> int:
