@@ -41,7 +41,7 @@ def write_job(job_dir: Path, index: int, requests: int, rng: np.random.Generator
     })[REQUEST_COLUMNS]
     frame.to_csv(job_dir / "requests.csv", index=False, float_format="%.6f")
     in_memory = frame.assign(itl=list(itl))
-    row = {"parallel": parallel, "rate": float("nan")} | summarize(in_memory)
+    row = {"parallel": parallel, "rate": float("nan")} | summarize(in_memory, parallel=parallel)
     pd.DataFrame([row]).to_csv(job_dir / "summary.csv", index=False, float_format="%.6f")
     hydra_dir = job_dir / ".hydra"
     hydra_dir.mkdir()

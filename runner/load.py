@@ -118,20 +118,39 @@ async def run_load(
     outcome.started_at = time.perf_counter()
     deadline = outcome.started_at + plan.duration if plan.duration else None
 
+    measured_left = plan.number
+    measured_done = asyncio.Event()
+    if measured_left == 0:
+        measured_done.set()
+
+    def finish(record: RequestRecord) -> None:
+        nonlocal measured_left
+        if keep_records:
+            outcome.records.append(record)
+        on_record(record)
+        if not (record.warmup or record.cooldown):
+            measured_left -= 1
+            if measured_left == 0:
+                measured_done.set()
+
     async def one(index: int, scheduled_at: float) -> None:
         record = RequestRecord(
             request_id=plan.first_id + index,
             warmup=index < plan.warmup,
+            cooldown=index >= plan.total,
             scheduled_at=scheduled_at,
         )
-        await sender.send(prompts[index % len(prompts)], record)
-        if keep_records:
-            outcome.records.append(record)
-        on_record(record)
+        try:
+            await sender.send(prompts[index % len(prompts)], record)
+        except asyncio.CancelledError:
+            if record.cooldown:
+                finish(record)  # stopped on purpose once the measured requests ended
+            raise
+        finish(record)
 
     try:
         if plan.rate is None:
-            await _closed_loop(plan, one, deadline, outcome)
+            await _closed_loop(plan, one, deadline, outcome, measured_done)
         else:
             await _open_loop(plan, one, deadline, outcome)
     finally:
@@ -145,20 +164,40 @@ async def _closed_loop(
     one: Callable[[int, float], Awaitable[None]],
     deadline: Optional[float],
     outcome: LoadOutcome,
+    measured_done: asyncio.Event,
 ) -> None:
-    indexes = iter(range(plan.total))
+    """Keep ``plan.parallel`` requests in flight until the last measured request has ended.
+
+    Without cooldown requests the last wave would run with fewer and fewer requests in
+    flight, and the measured window would end in a stretch of lower load, which lowers rps
+    by up to one request latency's worth of throughput depending on how the count divides.
+    """
+    indexes = itertools.count()
 
     async def worker() -> None:
         for index in indexes:
             if deadline is not None and time.perf_counter() >= deadline:
                 outcome.cut_by_duration = True
                 return
+            if index >= plan.total and measured_done.is_set():
+                return
             await one(index, time.perf_counter())
 
     assert plan.parallel is not None
-    async with asyncio.TaskGroup() as group:
-        for _ in range(min(plan.parallel, plan.total)):
-            group.create_task(worker())
+    workers: list[asyncio.Task[None]] = []
+
+    async def stop_when_measured() -> None:
+        await measured_done.wait()
+        # Every measured request has ended; what is still in flight is warmup or cooldown.
+        for task in workers:
+            task.cancel()
+
+    watcher = asyncio.create_task(stop_when_measured())
+    try:
+        async with asyncio.TaskGroup() as group:
+            workers.extend(group.create_task(worker()) for _ in range(min(plan.parallel, max(plan.total, 1))))
+    finally:
+        watcher.cancel()
 
 
 async def _open_loop(

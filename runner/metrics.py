@@ -21,7 +21,7 @@ TIMED_METRICS = ("latency", "ttft", "tpot", "itl")
 # requests.csv columns, in order. `itl` holds the request's inter-token latencies,
 # space-separated, in seconds.
 REQUEST_COLUMNS = [
-    "variable", "value", "repeat", "request_id", "warmup",
+    "variable", "value", "repeat", "request_id", "warmup", "cooldown",
     "scheduled_at", "dispatched_at", "sent_at", "first_token_at", "ended_at",
     "ttft", "latency", "tpot", "prompt_tokens", "completion_tokens",
     "token_source", "finish_reason", "success", "error", "status",
@@ -32,7 +32,7 @@ REQUEST_COLUMNS = [
 SUMMARY_COLUMNS = (
     ["parallel", "rate", "requests", "success_rate", "rps", "tps", "total_tps", "goodput"]
     + [f"{stat}_{metric}" for metric in TIMED_METRICS for stat in ("avg", "p50", "p90", "p99")]
-    + ["runs", "warmup", "failures", "empty_outputs", "short_outputs", "prompt_tokens_mismatch",
+    + ["runs", "warmup", "cooldown", "failures", "empty_outputs", "short_outputs", "prompt_tokens_mismatch",
        "completion_tokens_mismatch", "duration",
        "lateness_p50", "lateness_p99", "connect_p99", "loop_lag_p99", "client_bound", "client_note"]
 )
@@ -59,6 +59,28 @@ def measured_window(frame: pd.DataFrame) -> float:
         if len(sent) and len(ended):
             total += max(float(ended.max()) - float(sent.min()), 0.0)
     return total
+
+
+def throughput_seconds(measured: pd.DataFrame, parallel: Optional[float]) -> float:
+    """Return the seconds that throughput is divided by: rps = successful requests / this.
+
+    Closed loop (``parallel`` given): every slot runs its requests back to back, so the
+    seconds are the summed slot time of the measured requests (scheduled_at to ended_at)
+    divided by ``parallel``. Unlike the span from first send to last end, this does not
+    depend on how the request count divides into waves of ``parallel`` requests, because
+    cooldown requests keep every slot busy until the last measured request ends.
+    Open loop: the span of the measured sends, stretched by n / (n - 1) so that n arrivals
+    span n inter-arrival gaps; draining the last requests after the final arrival is left out.
+    Falls back to the measured window when the times needed are missing.
+    """
+    if parallel and measured["scheduled_at"].notna().all() and measured["ended_at"].notna().all():
+        return float((measured["ended_at"] - measured["scheduled_at"]).sum()) / parallel
+    total = 0.0
+    for _, rows in measured.groupby("repeat", sort=False):
+        sent = rows["sent_at"].dropna()
+        if parallel is None and len(sent) >= 2:
+            total += (float(sent.max()) - float(sent.min())) * len(sent) / (len(sent) - 1)
+    return total if total > 0 else measured_window(measured)
 
 
 def meets_bounds(frame: pd.DataFrame, bounds: dict[str, float]) -> pd.Series:
@@ -110,20 +132,35 @@ def count_checks(ok: pd.DataFrame) -> dict[str, int]:
     return checks
 
 
-def summarize(frame: pd.DataFrame, bounds: Optional[dict[str, float]] = None) -> dict[str, Any]:
+def summarize(
+    frame: pd.DataFrame,
+    bounds: Optional[dict[str, float]] = None,
+    *,
+    parallel: Optional[float] = None,
+    open_loop: bool = False,
+) -> dict[str, Any]:
     """Compute one summary.csv row (without the load columns) from request rows.
 
     ``frame`` has the in-memory request columns (``itl`` as a sequence of floats); warmup
-    rows are dropped here. ``bounds`` are the per-request bounds that define goodput; with
-    none, goodput equals rps.
+    and cooldown rows are dropped here. ``parallel`` (closed loop) or ``open_loop`` selects
+    how throughput is timed (see ``throughput_seconds``); with neither, rps, tps and goodput
+    use the measured window. ``bounds`` are the per-request bounds that define goodput;
+    with none, goodput equals rps.
     """
-    measured = frame[~frame["warmup"].astype(bool)]
+    excluded = frame["warmup"].astype(bool)
+    if "cooldown" in frame:
+        excluded |= frame["cooldown"].fillna(False).astype(bool)
+    measured = frame[~excluded]
     requests = len(measured)
     ok = measured[measured["success"].astype(bool)]
     window = measured_window(measured)
+    if parallel or open_loop:
+        rate_seconds = throughput_seconds(measured, None if open_loop else parallel)
+    else:
+        rate_seconds = window
 
     def per_second(amount: float) -> float:
-        return amount / window if window > 0 else math.nan
+        return amount / rate_seconds if rate_seconds > 0 else math.nan
 
     row: dict[str, Any] = {
         "requests": requests,
@@ -147,7 +184,8 @@ def summarize(frame: pd.DataFrame, bounds: Optional[dict[str, float]] = None) ->
     connect = (measured["sent_at"] - handed).dropna()
     row |= {
         "runs": int(measured["repeat"].nunique()) if requests else 0,
-        "warmup": int(len(frame) - requests),
+        "warmup": int(frame["warmup"].astype(bool).sum()),
+        "cooldown": int(len(frame) - requests - frame["warmup"].astype(bool).sum()),
         "failures": int(requests - len(ok)),
         "empty_outputs": int((ok["completion_tokens"].fillna(0) == 0).sum()),
         **count_checks(ok),

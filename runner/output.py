@@ -37,6 +37,7 @@ def record_row(
         "repeat": repeat,
         "request_id": record.request_id,
         "warmup": record.warmup,
+        "cooldown": record.cooldown,
         "scheduled_at": _relative(record.scheduled_at, origin),
         "dispatched_at": _relative(record.dispatched_at, origin),
         "sent_at": _relative(record.sent_at, origin),
@@ -123,6 +124,8 @@ def read_requests(path: Path) -> pd.DataFrame:
     """Read requests.csv back, with ``itl`` as lists of floats."""
     frame = pd.read_csv(path, keep_default_na=True, dtype={"error": str, "finish_reason": str, "token_source": str})
     frame["itl"] = frame["itl"].fillna("").map(lambda text: [float(x) for x in text.split()] if text else [])
-    for column in ("warmup", "success"):
+    if "cooldown" not in frame:
+        frame["cooldown"] = False
+    for column in ("warmup", "cooldown", "success"):
         frame[column] = frame[column].astype(bool)
     return frame

@@ -120,6 +120,8 @@ class LoadPointProber:
             samples.add(row)
             self.writer.add(row)
             recorded += 1
+            # Cooldown requests take ids past plan.total; the next repeat starts after them.
+            self.next_id = max(self.next_id, record.request_id + 1)
             self.progress.advance(task)
             if self.guard.observe(record) and not load.done():
                 load.cancel()  # every request so far failed, so stop before sending more
@@ -173,7 +175,10 @@ class LoadPointProber:
         else:
             row["rate"] = value
             row["parallel"] = self.config.search.rate_parallel_cap if self.config.sla else self.config.load.parallel
-        row |= summarize(samples.frame(), bounds)
+        if self.variable == "parallel":
+            row |= summarize(samples.frame(), bounds, parallel=value)
+        else:
+            row |= summarize(samples.frame(), bounds, open_loop=True)
         lag = np.asarray(self.loop_lag.get(value, array("d")), dtype=float)
         row["loop_lag_p99"] = float(np.percentile(lag, 99)) if lag.size else math.nan
         reasons = []

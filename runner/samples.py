@@ -33,6 +33,7 @@ class PointSamples:
         self._floats = {name: array("d") for name in FLOAT_COLUMNS}
         self._repeat = array("l")
         self._warmup = array("b")
+        self._cooldown = array("b")
         self._success = array("b")
         # ITL samples of all requests back to back; request i owns [offsets[i], offsets[i + 1]).
         self._itl = array("d")
@@ -47,6 +48,7 @@ class PointSamples:
             column.append(_number(row.get(name)))
         self._repeat.append(int(row["repeat"]))
         self._warmup.append(bool(row["warmup"]))
+        self._cooldown.append(bool(row.get("cooldown", False)))
         self._success.append(bool(row["success"]))
         self._itl.extend(float(sample) for sample in row["itl"])
         self._itl_offsets.append(len(self._itl))
@@ -60,6 +62,7 @@ class PointSamples:
         data: dict[str, Any] = {name: np.array(column, dtype=float) for name, column in self._floats.items()}
         data["repeat"] = np.array(self._repeat, dtype=np.int64)
         data["warmup"] = np.array(self._warmup, dtype=bool)
+        data["cooldown"] = np.array(self._cooldown, dtype=bool)
         data["success"] = np.array(self._success, dtype=bool)
         itl = np.array(self._itl, dtype=float)
         offsets = np.array(self._itl_offsets, dtype=np.int64)

@@ -182,6 +182,8 @@ async def run_share(
 
 async def _closed_share(share: WorkerShare, one: Callable[[int, float], Awaitable[None]],
                         deadline: Optional[float]) -> bool:
+    # NOTE: worker processes send no cooldown requests, so with load.workers > 1 the last
+    # wave of a closed-loop run still runs below full concurrency (see runner.load).
     indexes = iter(share.indexes)
     cut = False
 

@@ -36,18 +36,37 @@ async def test_closed_loop_holds_concurrency():
     sender = TimedSender(0.02)
     records = []
     outcome = await run_load(LoadPlan(parallel=8, rate=None, number=40, warmup=8), sender, PROMPTS, records.append)
-    assert len(outcome.records) == 48
+    main = [r for r in outcome.records if not r.cooldown]
+    assert len(main) == 48
     assert sender.max_in_flight == 8
-    assert sum(r.warmup for r in outcome.records) == 8
-    assert sorted(r.request_id for r in records) == list(range(48))
+    assert sum(r.warmup for r in main) == 8
+    assert sorted(r.request_id for r in main) == list(range(48))
     # 48 requests of 20 ms over 8 slots take 6 rounds: at least 120 ms.
     assert outcome.ended_at - outcome.started_at >= 0.12
+    assert len(records) == len(outcome.records)
+
+
+async def test_closed_loop_cooldown_keeps_slots_busy():
+    sender = TimedSender(0.02)
+    # 21 measured requests over 10 slots: the third wave has one measured request.
+    outcome = await run_load(LoadPlan(parallel=10, rate=None, number=21), sender, PROMPTS, lambda r: None)
+    measured = [r for r in outcome.records if not r.cooldown]
+    cooldown = [r for r in outcome.records if r.cooldown]
+    assert len(measured) == 21
+    assert all(r.request_id >= 21 for r in cooldown)
+    assert len(cooldown) >= 9
+    last_end = max(r.ended_at for r in measured)
+    moment = last_end - 0.005
+    in_flight = sum(1 for r in outcome.records if r.sent_at <= moment < r.ended_at)
+    assert in_flight == 10
+    # Cooldown requests still running when the last measured one ended are cancelled.
+    assert all(r.success or r.error == "cancelled" for r in cooldown)
 
 
 async def test_closed_loop_ids_start_at_offset():
     outcome = await run_load(LoadPlan(parallel=2, rate=None, number=3, first_id=100), TimedSender(0.0),
                              PROMPTS, lambda r: None)
-    assert sorted(r.request_id for r in outcome.records) == [100, 101, 102]
+    assert sorted(r.request_id for r in outcome.records if not r.cooldown) == [100, 101, 102]
 
 
 async def test_open_loop_follows_schedule():

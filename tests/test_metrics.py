@@ -106,3 +106,25 @@ def test_count_checks_flag_disagreements():
     assert checks["prompt_tokens_mismatch"] == 1
     # 120 against 128 is off by 8, more than 5 % of 128 (6.4).
     assert checks["completion_tokens_mismatch"] == 1
+
+
+def test_closed_loop_rps_from_slot_time():
+    # Two slots; each request occupies its slot from scheduled_at to ended_at.
+    frame = pd.DataFrame([
+        row(0, sent=0.0, ended=1.0, ttft=0.1, scheduled=0.0),
+        row(1, sent=0.0, ended=1.0, ttft=0.1, scheduled=0.0),
+        row(2, sent=1.0, ended=2.0, ttft=0.1, scheduled=1.0),
+        # The last wave has one measured request; a cooldown request filled the other slot.
+        row(3, sent=2.0, ended=3.0, ttft=0.1, scheduled=2.0),
+    ])
+    summary = summarize(frame, parallel=2)
+    # 4 requests over 4 slot-seconds / 2 slots = 2 req/s, whatever the wave count.
+    assert summary["rps"] == pytest.approx(2.0)
+    # The span from first send to last end (3 s) would give 1.33 req/s.
+    assert summarize(frame)["rps"] == pytest.approx(4 / 3)
+
+
+def test_open_loop_rps_from_send_span():
+    frame = pd.DataFrame([row(i, sent=0.5 * i, ended=0.5 * i + 2.0, ttft=0.1) for i in range(5)])
+    # Five sends 0.5 s apart span five gaps (2.5 s); draining the last one is left out.
+    assert summarize(frame, open_loop=True)["rps"] == pytest.approx(5 / 2.5)

@@ -191,8 +191,8 @@ def test_override_clashing_with_column(tmp_path):
 
 def test_summary_rebuilt_from_requests(tmp_path):
     write_hydra(tmp_path, ["load.parallel=2"])
-    # parallel 1: requests sent at 1 and 2, ended at 3 and 5 -> window 4 s, latencies 2 and 3.
-    # parallel 2: one request from 0 to 1 with 3 tokens.
+    # parallel 1: requests sent at 1 and 2, ended at 3 and 5: latencies 2 and 3, so the one
+    # slot was busy 5 s. parallel 2: one request from 0 to 1 with 3 tokens: 1 s over 2 slots.
     write_requests(tmp_path, {1: [(1.0, 3.0, 10), (2.0, 5.0, 20)], 2: [(0.0, 1.0, 3)]})
     written = build_report(tmp_path)
     assert tmp_path / "summary.csv" in written
@@ -200,8 +200,8 @@ def test_summary_rebuilt_from_requests(tmp_path):
     assert summary["parallel"].tolist() == [1.0, 2.0]
     assert summary["requests"].tolist() == [2, 1]
     assert summary["warmup"].tolist() == [1, 1]
-    assert summary["rps"].tolist() == pytest.approx([0.5, 1.0])
-    assert summary["tps"].tolist() == pytest.approx([7.5, 3.0])
+    assert summary["rps"].tolist() == pytest.approx([2 / 5, 1 / 0.5])
+    assert summary["tps"].tolist() == pytest.approx([30 / 5, 3 / 0.5])
     assert summary["avg_latency"].tolist() == pytest.approx([2.5, 1.0])
     assert summary["p99_latency"].tolist() == pytest.approx([2.99, 1.0])
     assert summary["avg_ttft"].tolist() == pytest.approx([0.1, 0.1])

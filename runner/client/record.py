@@ -32,6 +32,9 @@ class RequestRecord:
     request_id: int
     # Request sent before measurement starts and left out of every statistic.
     warmup: bool = False
+    # Closed loop: request sent after the measured ones only to keep every slot busy until the
+    # last measured request ends; left out of every statistic.
+    cooldown: bool = False
     # When the load shaper meant to send the request.
     scheduled_at: Optional[float] = None
     # When the request was handed to the HTTP client. Waiting for a pooled connection and

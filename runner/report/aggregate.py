@@ -82,7 +82,10 @@ def rebuild_summary(run_dir: Path) -> pd.DataFrame:
             row["parallel"] = float(value)
         # NOTE: goodput equals rps here, as in the runner's own summary.csv, and the event-loop
         # lag and client-bound columns stay empty because requests.csv does not record them.
-        row |= summarize(frame)
+        if variable == "rate":
+            row |= summarize(frame, open_loop=True)
+        else:
+            row |= summarize(frame, parallel=float(value))
         rows.append(row)
     return write_summary(rows, run_dir / "summary.csv")
 
