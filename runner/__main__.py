@@ -84,7 +84,7 @@ def _redact_hydra_output(cfg: DictConfig, out_dir: Path, hydra_config: Any) -> N
 
     endpoint = cfg.get("endpoint") or {}
     headers = OmegaConf.to_container(endpoint.get("headers") or OmegaConf.create({}), resolve=False)
-    secrets = secret_values(headers or {}, endpoint.get("api_key_env"))
+    secrets = secret_values(headers or {}, endpoint.get("api_key_env"), endpoint.get("url"))
     secrets += secrets_from_overrides(sys.argv[1:])
     if hydra_config.output_subdir is not None:
         folder = out_dir / hydra_config.output_subdir

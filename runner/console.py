@@ -105,6 +105,9 @@ def recommendations(summary: pd.DataFrame) -> list[str]:
 
 
 def recommendations_text(lines: Iterable[str]) -> Text:
+    lines = list(lines)
+    if not lines:
+        return Text("")
     text = Text("Performance Recommendations:\n", style="bold")
     for line in lines:
         text.append(f"• {line}\n", style="")
@@ -118,8 +121,12 @@ def sla_table(rows: list[dict[str, Any]]) -> Table:
         table.add_column(header)
     for row in rows:
         best = row.get("max_satisfied")
-        bracket = f"[{_load_label(row.get('last_pass'))}, {_load_label(row.get('first_fail'))})"
-        table.add_row(str(row["criteria"]), str(row["variable"]), "None" if best is None else f"{best:g}",
+        if "->" in str(row["criteria"]):
+            # An objective group's best load has no passing/failing bracket.
+            bracket = "-"
+        else:
+            bracket = f"[{_load_label(row.get('last_pass'))}, {_load_label(row.get('first_fail'))})"
+        table.add_row(str(row["criteria"]), str(row["variable"]), "none" if best is None else f"{best:g}",
                       bracket, str(row.get("probes", "")), str(row.get("note", "")))
     return table
 

@@ -14,6 +14,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 
@@ -22,6 +23,7 @@ REDACTED = "<redacted>"
 SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key", "cookie", "set-cookie"})
 SECRET_WORDS = ("token", "secret", "key", "auth", "password", "cookie")
 # An override that sets a header, e.g. `+endpoint.headers.Authorization=Bearer x`. Group 2 is the header name.
+_URL_OVERRIDE = re.compile(r"^[+~]{0,2}endpoint\.url=(.*)$", re.DOTALL)
 _HEADER_OVERRIDE = re.compile(r"^([+~]{0,2}endpoint\.headers\.)([^=]+)=(.*)$", re.DOTALL)
 # Header values shorter than this are not searched for in the text of written files,
 # because a one- to three-character value would match unrelated text. The value of a
@@ -34,9 +36,20 @@ def is_secret_header(name: str) -> bool:
     return lowered in SECRET_HEADERS or any(word in lowered for word in SECRET_WORDS)
 
 
-def secret_values(headers: Mapping[str, Any], api_key_env: Optional[str]) -> list[str]:
-    """Return the secret strings of a run: secret header values and the API key."""
+def url_secrets(url: Optional[str]) -> list[str]:
+    """Return the password of a URL's user info and the values of secret-looking query parameters."""
+    if not url or "://" not in url:
+        return []
+    parts = urlsplit(url)
+    values = [parts.password] if parts.password else []
+    values += [value for name, value in parse_qsl(parts.query) if is_secret_header(name) and value]
+    return values
+
+
+def secret_values(headers: Mapping[str, Any], api_key_env: Optional[str], url: Optional[str] = None) -> list[str]:
+    """Return the secret strings of a run: secret header values, URL credentials and the API key."""
     values = [str(value) for name, value in headers.items() if is_secret_header(name) and value]
+    values += url_secrets(url)
     if api_key_env and os.environ.get(api_key_env):
         values.append(os.environ[api_key_env])
     # The bare token of "Bearer <token>" is a secret on its own too.
@@ -51,6 +64,9 @@ def secrets_from_overrides(overrides: Iterable[str]) -> list[str]:
         match = _HEADER_OVERRIDE.match(override)
         if match and is_secret_header(match.group(2)):
             values.append(match.group(3).strip("'\""))
+        url = _URL_OVERRIDE.match(override)
+        if url:
+            values += url_secrets(url.group(1).strip("'\""))
     return values
 
 

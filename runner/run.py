@@ -33,7 +33,7 @@ from runner.output import RequestsWriter, write_summary
 from runner.preflight import check_inputs, preflight
 from runner.workers import ClientArgs
 from runner.prober import PROBES_FILE, LoadPointProber
-from runner.redact import redact_argv, secret_values
+from runner.redact import redact_argv, redact_text, secret_values
 from runner.tokenizer import load_tokenizer, resolve_tokenizer_path, token_counter
 
 __all__ = ["LoadPointProber", "Resumed", "execute"]
@@ -186,12 +186,12 @@ def _finish(config: RunConfig, result: dict[str, Any], out_dir: Path, console: C
         if "prober" in result:
             write_reports(config, result, out_dir, console)
     finally:
-        secrets = secret_values(config.endpoint.headers, config.endpoint.api_key_env)
+        secrets = secret_values(config.endpoint.headers, config.endpoint.api_key_env, config.endpoint.url)
         write_manifest(out_dir / "manifest.json", {
             "runner_command": [Path(sys.executable).name, "-m", "runner", *redact_argv(sys.argv[1:], secrets)],
             "started_at": result["started_at"],
             "ended_at": result["ended_at"],
-            "url": result.get("url"),
+            "url": redact_text(result["url"], secrets) if result.get("url") else None,
             "preflight": result.get("preflight"),
             "server_models": result.get("server_models"),
             "dataset": {"kind": config.dataset.kind.value, "seed": config.dataset.seed,

@@ -269,3 +269,18 @@ def test_empty_summary_exits_2(tmp_path, capsys):
     (a / "summary.csv").write_text("")
     assert main([str(a), str(a)]) == 2
     assert "summary.csv cannot be read" in error_line(capsys)
+
+
+def test_sweep_folder_with_summary_rejected(tmp_path, capsys):
+    from runner.compare.__main__ import main
+
+    run_a = tmp_path / "a"
+    sweep = tmp_path / "sweep"
+    for folder in (run_a, sweep / "0", sweep / "1"):
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / "summary.csv").write_text("parallel,rate,rps\n4,,1.0\n")
+    # The aggregation writes a summary.csv at the sweep's top too.
+    (sweep / "summary.csv").write_text("job,parallel,rate,rps\n0,4,,1.0\n")
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    assert main([str(run_a), str(sweep)]) == 2
+    assert "contains runs in subfolders (a sweep)" in capsys.readouterr().err

@@ -15,6 +15,8 @@ from tests.paths import REPO
 API_KEY = "sk-test-4f1c9d2e7a6b"
 HEADER_SECRET = "hdr-secret-88e21b0c"
 COOKIE_SECRET = "session-77a0f3d9"
+# Some gateways take the key as a query parameter of the URL.
+QUERY_SECRET = "qkey-5b6c7d8e9f"
 CHAT = "/v1/chat/completions"
 
 
@@ -50,7 +52,8 @@ async def test_no_secret_in_outputs(aiohttp_server, tmp_path, multirun):
     folder = ["-m", f"hydra.sweep.dir={out_dir}"] if multirun else [f"hydra.run.dir={out_dir}"]
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "runner", *folder, "progress=false", "load.number=10", "load.warmup=0",
-        "endpoint=openai", f"endpoint.url=http://127.0.0.1:{server.port}{CHAT}", "endpoint.api_key_env=RUNNER_TEST_KEY",
+        "endpoint=openai", f"endpoint.url='http://127.0.0.1:{server.port}{CHAT}?api_key={QUERY_SECRET}'",
+        "endpoint.api_key_env=RUNNER_TEST_KEY",
         f"+endpoint.headers.X-Api-Token={HEADER_SECRET}", f"+endpoint.headers.Cookie='sid={COOKIE_SECRET}'",
         cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "RUNNER_TEST_KEY": API_KEY},
@@ -58,7 +61,7 @@ async def test_no_secret_in_outputs(aiohttp_server, tmp_path, multirun):
     stdout, stderr = await asyncio.wait_for(process.communicate(), 80)
 
     assert process.returncode == 0, stderr.decode()
-    secrets = [API_KEY, HEADER_SECRET, COOKIE_SECRET]
+    secrets = [API_KEY, HEADER_SECRET, COOKIE_SECRET, QUERY_SECRET]
     assert not [s for s in secrets if s in stdout.decode() + stderr.decode()]
     requests = next(out_dir.rglob("requests.csv")).read_text()
     assert requests.count("True") >= 10  # the server accepted the credentials

@@ -401,7 +401,7 @@ async def test_cancel_returns_partial_answers():
         await task
 
     first, second = tuner.answers()
-    assert first.note == "interrupted"
+    assert first.note == "interrupted: at least 32 passed"
     assert first.max_satisfied is None
     assert (first.last_pass, first.first_fail) == (32, 64)
     assert first.probes == 7
@@ -424,7 +424,7 @@ async def test_answers_after_first_group_finished():
     first, second = tuner.answers()
     assert first.max_satisfied == 37
     assert first.note == "Satisfied"
-    assert second.note == "interrupted"
+    assert second.note == "interrupted: at least 64 passed"
     assert second.max_satisfied is None
     assert (second.last_pass, second.first_fail) == (64, None)
     assert second.probes == 7

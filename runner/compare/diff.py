@@ -78,12 +78,13 @@ def load_run_data(path: Path, label: str) -> RunData:
     if not path.is_dir():
         raise RunnerError(f"{label} folder not found: {path}; pass a run folder written by python -m runner")
     summary_path = path / "summary.csv"
+    # A sweep has its own aggregated summary.csv at the top, so look for job folders first.
+    jobs = sorted((c.name for c in path.iterdir() if c.is_dir() and (c / ".hydra").is_dir()),
+                  key=lambda name: (not name.isdigit(), int(name) if name.isdigit() else 0, name))
+    if jobs or (path / "multirun.yaml").is_file():
+        listed = ", ".join(str(path / job) for job in jobs) or "none"
+        raise RunnerError(f"{label} {path} contains runs in subfolders (a sweep), not a run; pass two of its job folders: {listed}")
     if not summary_path.is_file():
-        jobs = sorted((c.name for c in path.iterdir() if c.is_dir() and (c / ".hydra").is_dir()),
-                      key=lambda name: (not name.isdigit(), int(name) if name.isdigit() else 0, name))
-        if jobs or (path / "multirun.yaml").is_file():
-            listed = ", ".join(str(path / job) for job in jobs) or "none"
-            raise RunnerError(f"{label} {path} contains runs in subfolders (a sweep), not a run; pass two of its job folders: {listed}")
         hint = f"; python -m runner.report {path} rebuilds it" if (path / "requests.csv").is_file() else ""
         raise RunnerError(f"{label} {path} has no summary.csv{hint}")
     summary = _read_csv(summary_path, label)

@@ -181,12 +181,14 @@ class SlaTuner:
             seconds = 0.0
             if state.started is not None:
                 seconds = (state.ended or time.monotonic()) - state.started
+            last_pass = self._load(state.last_pass)
+            note = "interrupted" if last_pass is None else f"interrupted: at least {last_pass:g} passed"
             answers.append(
                 GroupAnswer(
                     state.group.criteria,
                     self._variable.value,
                     None,
-                    "interrupted",
+                    note,
                     last_pass=self._load(state.last_pass),
                     first_fail=self._load(state.first_fail),
                     probes=len(state.values),
