@@ -170,6 +170,9 @@ class RequestConfig:
     # Stream the response as server-sent events; TTFT, TPOT and ITL need streaming.
     stream: bool = True
     temperature: Optional[float] = 0.0
+    # /v1/completions only: send random prompts as token ids, so the server's prompt length is
+    # exactly the dataset's (vLLM, SGLang and llama.cpp accept a list of ids as `prompt`).
+    prompt_token_ids: bool = False
     # Fields merged into every request body, overriding the ones above.
     extra_body: dict[str, Any] = field(default_factory=dict)
 

@@ -49,8 +49,12 @@ def test_completions_body_text_and_token_ids():
     client = make_client(COMPLETIONS)
 
     assert client.build_body(Prompt(text="Once upon"))["prompt"] == "Once upon"
-    assert client.build_body(Prompt(text="x", token_ids=[1, 2, 3]))["prompt"] == [1, 2, 3]
+    # Token ids go out only when request.prompt_token_ids asks for them.
+    assert client.build_body(Prompt(text="x", token_ids=[1, 2, 3]))["prompt"] == "x"
     assert "messages" not in client.build_body(Prompt(text="x"))
+    with_ids = make_client(COMPLETIONS, RequestConfig(prompt_token_ids=True))
+    assert with_ids.build_body(Prompt(text="x", token_ids=[1, 2, 3]))["prompt"] == [1, 2, 3]
+    assert with_ids.build_body(Prompt(text="Once upon"))["prompt"] == "Once upon"
 
 
 def test_prompt_max_tokens_overrides_request():

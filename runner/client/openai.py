@@ -164,7 +164,8 @@ class OpenAIClient:
                 {"role": "user", "content": prompt.text}
             ]
         else:
-            body["prompt"] = prompt.token_ids if prompt.token_ids is not None else prompt.text
+            use_ids = request.prompt_token_ids and prompt.token_ids is not None
+            body["prompt"] = prompt.token_ids if use_ids else prompt.text
         body["max_tokens"] = prompt.max_tokens if prompt.max_tokens is not None else request.max_tokens
         if request.min_tokens is not None:
             body["min_tokens"] = request.min_tokens
