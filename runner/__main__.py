@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import traceback
@@ -117,6 +118,7 @@ def hydra_main(cfg: DictConfig) -> None:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / JOB_ERROR_FILE).write_text(f"{exc}\n", encoding="utf-8")
             return
+        _remove_if_unused(out_dir)
         sys.exit(2)
     except (KeyboardInterrupt, Interrupted) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
@@ -124,6 +126,16 @@ def hydra_main(cfg: DictConfig) -> None:
         sys.exit(128 + signum)
     if code:
         sys.exit(code)
+
+
+def _remove_if_unused(out_dir: Path) -> None:
+    """Delete a run folder that holds only what Hydra wrote before the run was rejected."""
+    if not out_dir.is_dir():
+        return
+    entries = {entry.name for entry in out_dir.iterdir()}
+    log_file = out_dir / "runner.log"
+    if entries <= {".hydra", "runner.log"} and (not log_file.exists() or log_file.stat().st_size == 0):
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def _is_hydra_error(exc: BaseException) -> bool:
