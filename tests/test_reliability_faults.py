@@ -53,7 +53,8 @@ def fault_profile(tmp_path: Path, rates: dict[str, float]) -> Path:
 
 def measured(out_dir: Path) -> pd.DataFrame:
     frame = pd.read_csv(out_dir / "requests.csv", dtype={"error": str}, keep_default_na=False)
-    return frame[~frame["warmup"].astype(str).eq("True")]
+    left_out = frame["warmup"].astype(str).eq("True") | frame["cooldown"].astype(str).eq("True")
+    return frame[~left_out]
 
 
 def summary_success_rate(out_dir: Path) -> float:
