@@ -93,7 +93,14 @@ def recommendations(summary: pd.DataFrame) -> list[str]:
         advice.append("Some load points were client-bound: the client, not the server, limited them; "
                       "their numbers are not the server's")
     rps = ordered["rps"].fillna(0).to_numpy()
-    if len(rps) >= 2 and rps[-1] >= 0.95 * rps.max():
+    loads = ordered[knob].to_numpy(dtype=float)
+    # The first load that reaches 95 % of the best throughput; far below the highest load
+    # probed, it means throughput has flattened (saturated) rather than still climbing.
+    knee = loads[int((rps >= 0.95 * rps.max()).argmax())] if len(rps) else 0.0
+    if len(rps) >= 2 and rps[-1] >= 0.95 * rps.max() and knee <= loads[-1] / 2:
+        advice.append(f"Throughput saturates near {knob} {knee:g} ({rps.max():.2f} req/s at most); "
+                      f"higher load only adds latency")
+    elif len(rps) >= 2 and rps[-1] >= 0.95 * rps.max():
         advice.append(f"The system seems not to have reached its performance bottleneck, try a higher {knob}")
     elif len(rps) >= 2:
         best = ordered.iloc[int(rps.argmax())][knob]

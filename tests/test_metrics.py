@@ -128,3 +128,15 @@ def test_open_loop_rps_from_send_span():
     frame = pd.DataFrame([row(i, sent=0.5 * i, ended=0.5 * i + 2.0, ttft=0.1) for i in range(5)])
     # Five sends 0.5 s apart span five gaps (2.5 s); draining the last one is left out.
     assert summarize(frame, open_loop=True)["rps"] == pytest.approx(5 / 2.5)
+
+
+def test_recommendation_names_saturation():
+    from runner.console import recommendations
+
+    flat = pd.DataFrame({"parallel": [4, 8, 16, 32], "rate": [math.nan] * 4, "rps": [16.0, 25.0, 33.5, 34.3],
+                         "success_rate": [100.0] * 4})
+    assert recommendations(flat) == [
+        "Throughput saturates near parallel 16 (34.30 req/s at most); higher load only adds latency"]
+    climbing = flat.assign(rps=[10.0, 20.0, 30.0, 40.0])
+    assert recommendations(climbing) == [
+        "The system seems not to have reached its performance bottleneck, try a higher parallel"]
