@@ -169,8 +169,8 @@ async def _closed_loop(
     """Keep ``plan.parallel`` requests in flight until the last measured request has ended.
 
     Without cooldown requests the last wave would run with fewer and fewer requests in
-    flight, and the measured window would end in a stretch of lower load, which lowers rps
-    by up to one request latency's worth of throughput depending on how the count divides.
+    flight. Its measured requests would then see a lighter load than the rest, and the
+    measured window would end in a stretch of lower throughput.
     """
     indexes = itertools.count()
 
@@ -226,6 +226,6 @@ async def _open_loop(
             if delay > 0:
                 await asyncio.sleep(delay)
             if slots is not None:
-                # A full cap delays the send; the record's sent_at - scheduled_at shows it.
+                # A full cap delays the send; the record's dispatched_at - scheduled_at shows it.
                 await slots.acquire()
             group.create_task(capped(index, scheduled_at))

@@ -18,7 +18,7 @@ import pandas as pd
 PERCENTILES = (50, 90, 99)
 TIMED_METRICS = ("latency", "ttft", "tpot", "itl")
 
-# requests.csv columns, in order. `itl` holds the request's inter-token latencies,
+# requests.csv columns, in order. `itl` contains the request's inter-token latencies,
 # space-separated, in seconds.
 REQUEST_COLUMNS = [
     "variable", "value", "repeat", "request_id", "warmup", "cooldown",
