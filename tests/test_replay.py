@@ -92,9 +92,13 @@ def test_replay_reproduces_summary(original_and_replay):
 def test_replay_same_token_counts(original_and_replay):
     original, replayed = original_and_replay
     columns = ["request_id", "warmup", "prompt_tokens", "completion_tokens", "success"]
-    before = pd.read_csv(original / "requests.csv")[columns].sort_values("request_id", ignore_index=True)
-    after = pd.read_csv(replayed / "requests.csv")[columns].sort_values("request_id", ignore_index=True)
-    pd.testing.assert_frame_equal(after, before)
+
+    def sent_rows(run: Path) -> pd.DataFrame:
+        # Cooldown requests are cancelled at a moment that depends on timing, so they differ.
+        frame = pd.read_csv(run / "requests.csv")
+        return frame[~frame["cooldown"]][columns].sort_values("request_id", ignore_index=True)
+
+    pd.testing.assert_frame_equal(sent_rows(replayed), sent_rows(original))
 
 
 def test_compare_replay_has_no_setting_warnings(original_and_replay):
