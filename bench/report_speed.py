@@ -1,6 +1,6 @@
 """Report speed: `python -m runner.report` over a sweep of 200 runs of 5,000 requests each.
 
-The sweep is synthetic: each job folder holds a requests.csv of 5,000 rows (64 ITL samples
+The sweep is synthetic: each job folder contains a requests.csv of 5,000 rows (64 ITL samples
 per request), a summary.csv of one load point and Hydra's override file, as a real job
 writes them. The benchmark times the aggregation in a child process, as a user runs it.
 """

@@ -71,7 +71,7 @@ class EndpointConfig:
     kind: EndpointKind = EndpointKind.sim
     # Full URL for `openai`. For `sim` only the path counts, which picks the API.
     url: str = "/v1/chat/completions"
-    # Name of the environment variable that holds the API key; the key is never stored.
+    # Name of the environment variable that contains the API key. The key itself is never stored.
     api_key_env: Optional[str] = None
     # Extra HTTP headers sent with every request.
     headers: dict[str, str] = field(default_factory=dict)
@@ -115,7 +115,7 @@ class ModelConfig:
     name: str = "qwen2.5-0.5b-instruct"
     # Tokenizer: a bundled name (`qwen2.5`), a local directory or a hub id.
     tokenizer: str = "qwen2.5"
-    # Simulated-server profile that stands in for this model when endpoint=sim.
+    # Simulated-server profile used in place of this model when endpoint=sim.
     sim_profile: str = "default"
 
     def __post_init__(self) -> None:

@@ -94,8 +94,8 @@ def recommendations(summary: pd.DataFrame) -> list[str]:
                       "their numbers are not the server's")
     rps = ordered["rps"].fillna(0).to_numpy()
     loads = ordered[knob].to_numpy(dtype=float)
-    # The first load that reaches 95 % of the best throughput; far below the highest load
-    # probed, it means throughput has flattened (saturated) rather than still climbing.
+    # The first load that reaches 95 % of the best throughput. When it lies far below the
+    # highest load probed, throughput has flattened (saturated) rather than still climbing.
     knee = loads[int((rps >= 0.95 * rps.max()).argmax())] if len(rps) else 0.0
     if len(rps) >= 2 and rps[-1] >= 0.95 * rps.max() and knee <= loads[-1] / 2:
         advice.append(f"Throughput saturates near {knob} {knee:g} ({rps.max():.2f} req/s at most); "

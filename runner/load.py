@@ -109,7 +109,7 @@ async def run_load(
 
     ``on_record`` runs in the event loop as each request ends; it must be quick. With
     ``keep_records=False`` the outcome's ``records`` stays empty, so a long run's memory
-    does not grow with every record (``on_record`` still sees each one).
+    does not grow with every record (``on_record`` still receives each one).
     """
     if not prompts:
         raise ValueError("run_load needs at least one prompt")

@@ -176,7 +176,7 @@ def summarize(
     itl = np.concatenate([np.asarray(s, dtype=float) for s in ok["itl"]]) if len(ok) else np.array([])
     row |= describe(itl, "itl")
 
-    # The client's own delay ends when it hands the request to the HTTP client; waiting for a
+    # The client's own delay ends when it hands the request to the HTTP client. Waiting for a
     # pooled connection and opening one (connect) depend on the server accepting connections.
     handed = measured["dispatched_at"] if "dispatched_at" in measured else measured["sent_at"]
     handed = handed.fillna(measured["sent_at"])

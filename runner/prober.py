@@ -82,7 +82,7 @@ class LoadPointProber:
         self.repeats[value] = repeats
         self.loop_lag.setdefault(value, array("d")).extend(loop_lag)
         self.next_id = max(self.next_id, next_id)
-        self.guard.disarm()  # the earlier run already showed that the server answers
+        self.guard.disarm()  # the earlier run already showed that the server responds
 
     def plan_for(self, value: float, repeat: int) -> LoadPlan:
         load, search = self.config.load, self.config.search

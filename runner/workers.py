@@ -106,8 +106,8 @@ def auto_workers(plan: LoadPlan) -> int:
     """Return the worker count for load.workers=null, which is 1 for now.
 
     NOTE: on a 2-core machine (bench/workers.py) two worker processes delivered fewer
-    requests/s than one in-process loop, so workers are only used when load.workers asks for
-    them.
+    requests/s than one in-process loop, so workers are used only when load.workers is set
+    above 1.
     """
     del plan
     return 1

@@ -49,7 +49,7 @@ def test_completions_body_text_and_token_ids():
     client = make_client(COMPLETIONS)
 
     assert client.build_body(Prompt(text="Once upon"))["prompt"] == "Once upon"
-    # Token ids go out only when request.prompt_token_ids asks for them.
+    # Token ids go out only when request.prompt_token_ids is true.
     assert client.build_body(Prompt(text="x", token_ids=[1, 2, 3]))["prompt"] == "x"
     assert "messages" not in client.build_body(Prompt(text="x"))
     with_ids = make_client(COMPLETIONS, RequestConfig(prompt_token_ids=True))

@@ -35,7 +35,7 @@ def alive(pid: int) -> bool:
 
 
 def wait_for_rows(out_dir: Path, process: subprocess.Popen, timeout: float = 60) -> None:
-    """Wait until requests.csv holds more than the header, i.e. some requests were measured."""
+    """Wait until requests.csv contains more than the header, i.e. some requests were measured."""
     deadline = time.monotonic() + timeout
     path = out_dir / "requests.csv"
     while time.monotonic() < deadline:

@@ -65,7 +65,8 @@ async def test_no_secret_in_outputs(aiohttp_server, tmp_path, multirun):
     assert not [s for s in secrets if s in stdout.decode() + stderr.decode()]
     requests = next(out_dir.rglob("requests.csv")).read_text()
     assert requests.count("True") >= 10  # the server accepted the credentials
-    assert list(out_dir.rglob("config.yaml")) and list(out_dir.rglob("overrides.yaml"))
+    assert list(out_dir.rglob("config.yaml"))
+    assert list(out_dir.rglob("overrides.yaml"))
     assert scan(out_dir, secrets) == []
 
 

@@ -10,8 +10,8 @@ import pytest
 from paths import REPO
 from runner.testing.scripted import Reply, ScriptedServerProcess, token_timeline
 
-# The timeline scaled by 1/10: the first 10 requests wait 4.5 s for their first
-# token, every later one 0.1 s; then 4 tokens 10 ms apart.
+# The first 10 requests wait 4.5 s for their first token and every later one 0.1 s,
+# then 4 tokens follow 10 ms apart.
 SLOW = Reply(writes=token_timeline(ttft=4.5, tokens=4, gap=0.01))
 FAST = Reply(writes=token_timeline(ttft=0.1, tokens=4, gap=0.01))
 

@@ -140,7 +140,7 @@ class OpenAIClient:
         self._session = self._retry_session = None
 
     async def fetch_models(self) -> Any:
-        """Return the server's GET /v1/models answer (parsed JSON), or a dict with the error.
+        """Return the server's GET /v1/models response (parsed JSON), or a dict with the error.
 
         The manifest keeps it as a record of what was served; a failure here never stops a run.
         """
@@ -210,7 +210,7 @@ class OpenAIClient:
                 except _STALE_CONNECTION as exc:
                     # Servers such as llama.cpp's close a keep-alive connection right after a
                     # stream ends, and aiohttp may hand that connection to the next request
-                    # before it sees the close. The request then fails before any response
+                    # before it receives the close. The request then fails before any response
                     # arrived, so the server never answered it: retry it once on a new connection
                     # (another pooled one could be closed as well).
                     if attempt or record.status is not None or isinstance(exc, aiohttp.ClientConnectorError):

@@ -69,7 +69,7 @@ def test_sla_tune_finds_max_parallel(engine, run_runner, tmp_path):
     # The server has 8 slots. Up to 8 streams, TTFT is one prompt pass plus a
     # decode step, tens of ms here. From 9 streams on, a request waits for a
     # free slot, which adds a whole 64-token generation (about 0.4 s). So the
-    # 0.2 s bound holds at low concurrency and fails above 8.
+    # 0.2 s bound is met at low concurrency and fails above 8.
     run_runner(
         *endpoint_overrides(engine, tmp_path),
         "+sla=custom",
