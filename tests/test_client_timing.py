@@ -8,12 +8,15 @@ test process 10 ms late, hence the 15 ms tolerance.
 
 from __future__ import annotations
 
+import asyncio
 import statistics
+import time
 from typing import Optional
 
 import pytest
 
 from runner.client import OpenAIClient, Prompt, RequestRecord, finalize
+from runner.client import openai as openai_module
 from runner.config import EndpointConfig, ModelConfig, RequestConfig
 from runner.testing import DONE, Reply, ScriptedServer, chat_chunk, completion_chunk, token_timeline, usage_of
 from runner.testing.scripted import Script, ServerState
@@ -306,3 +309,46 @@ async def test_non_streaming_response():
     assert record.completion_tokens == 3
     assert record.token_source == "tokenizer"
     assert record.empty_output is False
+
+
+async def test_arrival_time_precedes_delayed_wakeup(monkeypatch):
+    """A chunk's time is when its bytes reached the connection, not when the reader resumed.
+
+    Right before the first token's bytes are fed to the reader, the test queues a 0.3 s
+    blocking call. It runs before the reader's wake-up, as a busy event loop would delay it.
+    """
+    original = openai_module._ArrivalTimedProtocol.data_received
+    blocked = []
+
+    def data_received(protocol, data: bytes) -> None:
+        if b"first" in data and not blocked:
+            blocked.append(True)
+            protocol._loop.call_soon(time.sleep, 0.3)
+        original(protocol, data)
+
+    monkeypatch.setattr(openai_module._ArrivalTimedProtocol, "data_received", data_received)
+    writes = [
+        (0.10, chat_chunk(content="first")),
+        (0.50, chat_chunk(content=" second", finish_reason="stop")),
+        (0.51, DONE),
+    ]
+
+    (record,), state = await send_all(Reply(writes=writes))
+    served = state.requests[0]
+
+    assert blocked == [True]
+    assert record.success, record.error
+    first_written = served.write_times[0] - served.read_at
+    assert record.ttft == pytest.approx(first_written, abs=TOLERANCE)
+    assert record.latency == pytest.approx(served.write_times[1] - served.read_at, abs=TOLERANCE)
+
+
+def test_connector_uses_arrival_timed_protocol():
+    async def build() -> bool:
+        connector = openai_module._ArrivalTimedConnector()
+        try:
+            return connector.arrival_timed
+        finally:
+            await connector.close()
+
+    assert asyncio.run(build()) is True

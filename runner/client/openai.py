@@ -11,6 +11,11 @@ with the timings defined in the metrics contract. All times are `time.perf_count
   spent waiting for a pooled connection shows up between `scheduled_at` and `sent_at`,
   not inside TTFT.
 - every read of the body gets one arrival time; all events completed by that read share it.
+  The arrival time is taken when the connection's protocol receives the bytes
+  (`data_received`), not when the reading task resumes: under load the task resumes one or
+  more event-loop turns later, and that delay would be added to TTFT and ITL. When a read
+  returns bytes from several socket reads, the time of the last one is used, so a time is
+  never earlier than the arrival of the bytes that complete an event.
 - `first_token_at` / `last_token_at`: first and last chunk carrying generated text on any
   channel (content, reasoning_content, reasoning, tool-call arguments, completions text).
 - `ended_at`: last chunk with non-empty `choices`; the usage-only chunk and `[DONE]` do not
@@ -20,6 +25,7 @@ with the timings defined in the metrics contract. All times are `time.perf_count
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -28,6 +34,7 @@ from typing import Any, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
 
 from runner.client.record import Prompt, RequestRecord
 from runner.client.response import (
@@ -60,6 +67,50 @@ _STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 # The connection broke after it was established: reset, closed early, or a truncated body.
 _CONNECTION_LOST = (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
                     ConnectionResetError)
+
+
+class _ArrivalTimedProtocol(ResponseHandler):
+    """aiohttp's response protocol, stamping the time each socket read delivers bytes."""
+
+    last_data_at: Optional[float] = None
+
+    def data_received(self, data: bytes) -> None:
+        if data:
+            self.last_data_at = _perf_counter()
+        super().data_received(data)
+
+
+class _ArrivalTimedConnector(aiohttp.TCPConnector):
+    """TCPConnector whose connections use `_ArrivalTimedProtocol`.
+
+    aiohttp builds each connection's protocol from the private `_factory` attribute (a
+    partial of ResponseHandler, checked on aiohttp 3.14). When a release changes that, the
+    connector keeps aiohttp's protocol and `arrival_timed` is False, so arrivals fall back
+    to the time the reading task resumes.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        factory = getattr(self, "_factory", None)
+        self.arrival_timed = isinstance(factory, functools.partial) and factory.func is ResponseHandler
+        if self.arrival_timed:
+            self._factory = functools.partial(_ArrivalTimedProtocol, *factory.args, **factory.keywords)
+        else:
+            logger.warning("aiohttp %s builds connections in an unknown way, so chunk times are taken when the "
+                           "reader wakes up and run late under load; install aiohttp 3.14 for exact times",
+                           aiohttp.__version__)
+
+
+def _timed_protocol(response: aiohttp.ClientResponse) -> Optional[_ArrivalTimedProtocol]:
+    """Return the response connection's protocol if it stamps arrivals.
+
+    Taken before the body is read, because aiohttp releases the connection to the pool once
+    the body ends. The next request on that connection cannot receive bytes before this
+    reader resumes: its send is queued behind this reader's wake-up.
+    """
+    connection = response.connection
+    protocol = connection.protocol if connection is not None else None
+    return protocol if isinstance(protocol, _ArrivalTimedProtocol) else None
 
 
 async def _mark_sent(session: aiohttp.ClientSession, context: SimpleNamespace, params: Any) -> None:
@@ -112,7 +163,7 @@ class OpenAIClient:
         # A ceiling threshold of infinity turns off aiohttp's rounding of timeouts above 5 s up
         # to the next whole second, so every limit fires when configured.
         no_rounding = float("inf")
-        connector = aiohttp.TCPConnector(
+        connector = _ArrivalTimedConnector(
             limit=self.pool_size,
             limit_per_host=self.pool_size,
             timeout_ceil_threshold=no_rounding,
@@ -239,7 +290,7 @@ class OpenAIClient:
         """Return a session that opens a new connection for every request, for retries."""
         if self._retry_session is None:
             assert self._session is not None
-            connector = aiohttp.TCPConnector(limit=self.pool_size, force_close=True,
+            connector = _ArrivalTimedConnector(limit=self.pool_size, force_close=True,
                                              timeout_ceil_threshold=float("inf"))
             self._retry_session = aiohttp.ClientSession(
                 connector=connector, timeout=self._session.timeout, trace_configs=self._session.trace_configs,
@@ -281,12 +332,13 @@ class OpenAIClient:
             body = await response.read()
             _fail(record, wrong_content_type_message(response.content_type, _EVENT_STREAM, body))
             return
+        protocol = _timed_protocol(response)
         parser = SSEParser()
         terminal = False
         done_at: Optional[float] = None
         try:
             async for received in response.content.iter_any():
-                now = _perf_counter()
+                now = (protocol.last_data_at if protocol is not None else None) or _perf_counter()
                 for event in parser.feed(received):
                     payload = event.data
                     if payload == "[DONE]":
@@ -323,8 +375,9 @@ class OpenAIClient:
         record.success = True
 
     async def _read_json(self, response: aiohttp.ClientResponse, record: RequestRecord) -> None:
+        protocol = _timed_protocol(response)
         body = await response.read()
-        record.ended_at = _perf_counter()
+        record.ended_at = (protocol.last_data_at if protocol is not None else None) or _perf_counter()
 
         try:
             result = loads(body)
