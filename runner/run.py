@@ -26,6 +26,7 @@ from runner.client.openai import OpenAIClient
 from runner.config import EndpointKind, RunConfig, SearchVariable
 from runner.data import build_prompts, fingerprint
 from runner.errors import EndpointError
+from runner.gc_pause import setup_objects_frozen
 from runner.interrupt import Interrupted, SignalStop, cancel_on_signal, signals_deferred
 from runner.manifest import now_iso, write_manifest, write_prompts
 from runner.metrics import SUMMARY_COLUMNS
@@ -103,7 +104,7 @@ async def _measure(config: RunConfig, out_dir: Path, console: Console, result: d
                 result["preflight"] = {"error": str(exc)}
                 raise
             result["server_models"] = await client.fetch_models()
-            with views.make_progress(console, config.progress) as progress:
+            with setup_objects_frozen(), views.make_progress(console, config.progress) as progress:
                 client_args = ClientArgs(config.endpoint, config.model, config.request, base_url, pool_size)
                 prober = LoadPointProber(config, client, prompts, writer, count_tokens, progress, time.perf_counter(),
                                          probes_path=out_dir / PROBES_FILE, client_args=client_args)
