@@ -7,9 +7,10 @@ what they saw, and the numbers come from those logs rather than from each tool's
   64 output tokens (one SSE event per token) against a zero-delay server (bench.servers).
   Requests/s is the server's count over its first arrival to its last chunk, which leaves
   out each tool's start-up. The tool's CPU is that of its whole process tree.
-- timing: concurrency 1, 32 and 128 against a scripted server (first token 200 ms after
-  the request, then 32 tokens 20 ms apart). The error is the tool's own mean and p99 TTFT
-  and mean token gap minus the same statistics of the server's log.
+- timing: concurrency 1, 32 and 128 against the same raw server in paced mode (first token
+  200 ms after the request's bytes were parsed, then 32 tokens 20 ms apart, each token one
+  " hi"). The error is the tool's own mean and p99 TTFT and mean token gap minus the same
+  statistics of the server's log.
 - pacing: fixed rates of 50, 200 and 1,000 requests/s for about 5 s each, for the tools that
   have a fixed-rate mode. Achieved rate comes from the server's arrivals; lateness is each
   arrival's delay behind an evenly spaced schedule fitted to the earliest arrivals, for
@@ -25,7 +26,6 @@ processes used during it are part of every row.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import math
 import os
@@ -44,7 +44,6 @@ from bench.common import REPO, RESULTS, machine_line
 from bench.peer_tools import TOOLS, Tool, offline_env
 from bench.processes import ToolRun, become_subreaper, run_tool
 from bench.servers import FastServer, ServerLog
-from runner.testing.scripted import Reply, ScriptedServerProcess, chat_chunk, token_timeline
 
 log = logging.getLogger(__name__)
 
@@ -131,46 +130,34 @@ def ceiling(tool: Tool, concurrency: int, sizes: Sizes, env: dict[str, str]) -> 
     return row
 
 
-def _one_token_timeline() -> list[tuple[float, bytes]]:
-    """Return token_timeline's writes with every token chunk carrying " hi", one token for any BPE tokenizer.
-
-    token_timeline's texts (" t0", " t1", ...) are two or three tokens each, and tools that
-    count output tokens with a tokenizer (aiperf by default) would divide the same time by
-    more tokens than the server sent.
-    """
-    writes = token_timeline(ttft=TIMING_TTFT, tokens=TIMING_TOKENS, gap=TIMING_GAP, prompt_tokens=100)
-    # writes[0] is the role chunk; writes[1 .. TIMING_TOKENS] are the token chunks.
-    return [(offset, chat_chunk(content=" hi") if 1 <= i <= TIMING_TOKENS else data)
-            for i, (offset, data) in enumerate(writes)]
-
-
-async def _timing_run(tool: Tool, concurrency: int, requests: int, env: dict[str, str]) -> dict[str, Any]:
+def timing(tool: Tool, concurrency: int, sizes: Sizes, env: dict[str, str]) -> dict[str, Any]:
+    requests = sizes.timing_requests_serial if concurrency == 1 else sizes.timing_requests
     work = _run_dir(tool.name, f"timing-c{concurrency}")
-    reply = Reply(writes=_one_token_timeline())
     expected = requests / concurrency * (TIMING_TTFT + TIMING_TOKENS * TIMING_GAP)
-    async with ScriptedServerProcess(reply) as server:
+    with FastServer(work / "server.json", gap_ms=1000 * TIMING_GAP, ttft_ms=1000 * TIMING_TTFT) as server:
         command = tool.closed_loop(server.base_url, concurrency, requests, TIMING_TOKENS, work / "out")
-        run = await asyncio.to_thread(run_tool, command, env=env, cwd=REPO, timeout=120 + 3 * expected,
-                                      log_path=work / "tool.log")
+        run = run_tool(command, env=env, cwd=REPO, timeout=120 + 3 * expected, log_path=work / "tool.log")
     row = _base_row("timing", tool, f"c={concurrency}", run)
-    served = sorted(server.state.requests, key=lambda served: served.read_at)[-requests:]
-    # write_times[0] is the role chunk; [1 .. TIMING_TOKENS] are the token chunks.
-    complete = [request for request in served if len(request.write_times) > TIMING_TOKENS]
+    log = server.log
+    assert log is not None
+    # The latest arrivals are the run, because a tool's own pre-flight requests come first.
+    order = np.argsort(log.arrival)[-requests:]
+    tokens = np.asarray(log.tokens)[order]
+    complete = order[tokens >= TIMING_TOKENS]
     row["requests"] = len(complete)
-    if not complete or row["error"]:
+    if not len(complete) or row["error"]:
         return row
-    server_ttft = np.array([request.write_times[1] - request.read_at for request in complete])
-    server_gaps = np.concatenate([np.diff(request.write_times[1:TIMING_TOKENS + 1]) for request in complete])
+    server_ttft = np.asarray(log.first_token)[complete]
+    arrival = np.asarray(log.arrival)[complete]
+    last_chunk = np.asarray(log.last_chunk)[complete]
+    # The server writes its tokens on absolute deadlines, so the mean gap is the span from
+    # the first token to the last over the gaps between them.
+    server_gap = (last_chunk - arrival - server_ttft) / (np.asarray(log.tokens)[complete] - 1)
     measured = tool.timing(work / "out")
     row["ttft_error_mean_ms"] = 1000 * (measured.ttft_mean - server_ttft.mean())
     row["ttft_error_p99_ms"] = 1000 * (measured.ttft_p99 - np.percentile(server_ttft, 99))
-    row["itl_error_mean_ms"] = 1000 * (measured.itl_mean - server_gaps.mean())
+    row["itl_error_mean_ms"] = 1000 * (measured.itl_mean - server_gap.mean())
     return row
-
-
-def timing(tool: Tool, concurrency: int, sizes: Sizes, env: dict[str, str]) -> dict[str, Any]:
-    requests = sizes.timing_requests_serial if concurrency == 1 else sizes.timing_requests
-    return asyncio.run(_timing_run(tool, concurrency, requests, env))
 
 
 def pacing(tool: Tool, rate: float, sizes: Sizes, env: dict[str, str]) -> Optional[dict[str, Any]]:
