@@ -91,6 +91,10 @@ class Tool:
         """Return per-request schedule lateness in seconds as the tool recorded it, if it does."""
         return None
 
+    def client_bound(self, out: Path) -> Optional[bool]:
+        """Return whether the tool flagged the run as limited by itself, if it flags runs at all."""
+        return None
+
 
 class Ours(Tool):
     name = "runner"
@@ -125,6 +129,9 @@ class Ours(Tool):
     def client_lateness(self, out: Path) -> np.ndarray:
         requests = pd.read_csv(out / "requests.csv")
         return (requests["sent_at"] - requests["scheduled_at"]).dropna().to_numpy()
+
+    def client_bound(self, out: Path) -> bool:
+        return bool(pd.read_csv(out / "summary.csv").iloc[0]["client_bound"])
 
 
 class Evalscope(Tool):
