@@ -45,6 +45,15 @@ def section_schema(dotted: str) -> Optional[type]:
     return schema
 
 
+def _is_mapping_field(dotted: str) -> bool:
+    """Return True when ``dotted`` is a free-form mapping field such as endpoint.headers."""
+    parent, _, name = dotted.rpartition(".")
+    owner = section_schema(parent) if dotted else None
+    if owner is None or name not in _sections(owner):
+        return False
+    return typing.get_origin(typing.get_type_hints(owner)[name]) is dict
+
+
 def schema_keys(dotted: str) -> list[str]:
     """Return the keys allowed in the section at ``dotted``, sorted (empty when it is not a section)."""
     schema = section_schema(dotted)
@@ -71,6 +80,9 @@ def unknown_key_hint(key: str) -> str:
     parent, _, name = key.rpartition(".")
     allowed = schema_keys(parent)
     if not allowed:
+        if _is_mapping_field(parent):
+            # A free-form mapping such as endpoint.headers: Hydra adds new keys only with +.
+            return f"add a key to {parent} with a leading +: +{key}=VALUE"
         return "check the spelling"
     where = f"of {parent}" if parent else "at the top level"
     hint = f"valid keys {where}: {', '.join(allowed)}"

@@ -28,6 +28,8 @@ CASES = [
     ("added unknown top key", ["+foo=1"], ["+foo=1: unknown key foo", "valid keys at the top level:", "load"]),
     ("added unknown sla key", ["+sla=custom", 'sla.rules=[{p99_ttft:"<=1"}]', "+sla.colour=blue"],
      ["+sla.colour=blue: unknown key sla.colour", "valid keys of sla: rules"]),
+    ("header without plus", ["endpoint.headers.X-Team=infra"],
+     ["endpoint.headers.X-Team=infra: unknown key", "+endpoint.headers.X-Team=VALUE"]),
     ("path for random dataset", ["dataset.path={tmp}/bad.jsonl"],
      ["dataset.path is set to", "dataset=random", "dataset.path=null"]),
     ("prefix for file dataset", ["dataset=jsonl", "dataset.path={tmp}/bad.jsonl", "dataset.prefix_length=4"],
