@@ -156,6 +156,13 @@ class AggregateReports(Callback):
 
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+# Launchers whose jobs run on this machine, where files, environment variables and packages
+# are the ones a job will see. Jobs of other launchers (Ray, SLURM) run on other nodes, so
+# only their settings are checked up front.
+LOCAL_LAUNCHERS = (
+    "hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+    "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+)
 # Launcher plugin modules -> the pip package that provides each, and whether the runner's
 # `launchers` extra installs it.
 LAUNCHER_PACKAGES = {
@@ -197,7 +204,7 @@ def _launcher_problem(config: DictConfig) -> Optional[str]:
 
 
 def _job_problems(config: DictConfig, debug: bool) -> list[str]:
-    """Compose every job of a basic sweep and check its settings the way a single run would.
+    """Compose every job of a basic sweep and check it the way a single run would.
 
     Returns one line per distinct error, naming the jobs it hits, so a bad value in one job
     stops the sweep before any job sends load. Composition errors are left to Hydra, which
@@ -211,6 +218,7 @@ def _job_problems(config: DictConfig, debug: bool) -> list[str]:
 
     from runner.preflight import check_inputs
     from runner.redact import redact_argv
+    from runner.sla.rules import parse_rules
 
     if OmegaConf.select(config, "hydra.sweeper._target_", default=None) != BASIC_SWEEPER:
         return []  # another sweeper chooses its jobs as it runs
@@ -221,6 +229,7 @@ def _job_problems(config: DictConfig, debug: bool) -> list[str]:
     parsed = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
     swept = tuple(f"{override.get_key_element()}=" for override in parsed if override.is_sweep_override())
     jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    local = OmegaConf.select(config, "hydra.launcher._target_", default=None) in LOCAL_LAUNCHERS
 
     # Error line -> (job number, the job's swept overrides) of each job that fails with it.
     failures: dict[str, list[tuple[int, str]]] = {}
@@ -232,7 +241,11 @@ def _job_problems(config: DictConfig, debug: bool) -> list[str]:
         with read_write(job_config), open_dict(job_config):
             del job_config["hydra"]
         try:
-            check_inputs(to_run_config(job_config))
+            run_config = to_run_config(job_config)
+            if local:
+                check_inputs(run_config)
+            elif run_config.sla is not None:
+                parse_rules(run_config.sla.rules)
         except RunnerError as exc:
             if debug:
                 traceback.print_exception(exc)

@@ -106,3 +106,39 @@ def test_missing_launcher_plugin(tmp_path, launcher, module, line):
     assert done.returncode == 2, done.stderr
     assert error_lines(done) == [line]
     assert not (tmp_path / "sweep").exists()
+
+
+def job_problems(launcher: list[str], task: list[str]) -> list[str]:
+    """Compose conf/ with Hydra's own config, set a multirun's overrides and check its jobs.
+
+    compose() composes in single-run mode, which rejects sweep values, so the sweep overrides
+    are set afterwards where Hydra keeps them (hydra.overrides.task).
+    """
+    from hydra import compose, initialize_config_dir
+    from omegaconf import read_write
+
+    from paths import CONF_DIR
+    from runner.__main__ import _job_problems
+
+    # The checks compose each job with Hydra's config loader, which lives while this context does.
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        config = compose("config", overrides=launcher, return_hydra_config=True)
+        with read_write(config):
+            config.hydra.overrides.task = task
+        return _job_problems(config, debug=False)
+
+
+@pytest.mark.parametrize("launcher, lines", [
+    ([], ["job 0 (load.parallel=1): endpoint.api_key_env names the environment variable RUNNER_TEST_UNSET_KEY, "
+          "which is not set; export it or set endpoint.api_key_env=null",
+          "job 1 (load.parallel=0): load.parallel must be >= 1 (or null in open loop), got 0",
+          "no job was started: 2 of 2 jobs have invalid settings"]),
+    # SLURM jobs run on other nodes, with their own environment, so only settings are checked.
+    (["hydra/launcher=slurm_cluster"],
+     ["job 1 (load.parallel=0): load.parallel must be >= 1 (or null in open loop), got 0",
+      "no job was started: 1 of 2 jobs have invalid settings"]),
+], ids=["local", "slurm"])
+def test_remote_jobs_skip_local_checks(monkeypatch, launcher, lines):
+    monkeypatch.delenv("RUNNER_TEST_UNSET_KEY", raising=False)
+    task = ["endpoint.api_key_env=RUNNER_TEST_UNSET_KEY", "load.parallel=1,0"]
+    assert job_problems(launcher, task) == lines
