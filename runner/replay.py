@@ -149,8 +149,11 @@ def write_archive(composed: DictConfig, run_dir: Path, out_dir: Path, overrides:
         # The original overrides, so reports label the replay like the run it repeats.
         shutil.copyfile(run_dir / OVERRIDES_FILE, out_dir / OVERRIDES_FILE)
     if overrides:
-        original = OmegaConf.load(out_dir / OVERRIDES_FILE) if (out_dir / OVERRIDES_FILE).is_file() else []
-        OmegaConf.save(OmegaConf.create([*original, *redacted]), out_dir / OVERRIDES_FILE)
+        # Plain YAML, because OmegaConf would resolve a ${...} inside an override's value.
+        path = out_dir / OVERRIDES_FILE
+        original = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+        combined = [*(original if isinstance(original, list) else []), *redacted]
+        path.write_text(yaml.safe_dump(combined, sort_keys=False, allow_unicode=True), encoding="utf-8")
     redact_hydra_files(out_dir / ".hydra", secrets)
     record = {
         "replay_of": str(run_dir.resolve()),
