@@ -7,7 +7,7 @@ one line and exit with status 2; ``debug=true`` shows the traceback instead.
 
 from __future__ import annotations
 
-import dataclasses
+import importlib.util
 import logging
 import os
 import re
@@ -16,7 +16,7 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -28,7 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from runner.config import RunConfig
-from runner.errors import RunnerError
+from runner.errors import ConfigError, RunnerError
+from runner.schema import find_unknown_key, schema_keys, section_schema, unknown_key_hint
 
 
 log = logging.getLogger("runner")
@@ -41,6 +42,9 @@ if not OmegaConf.has_resolver("pid"):
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """Build typed settings from a composed config; raise RunnerError with one line on bad values."""
+    unknown = find_unknown_key(OmegaConf.to_container(cfg, resolve=False))
+    if unknown is not None:
+        raise ConfigError(unknown_key_line(unknown))
     try:
         config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
@@ -54,17 +58,88 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     return config
 
 
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Apply command-line overrides to a composed config, with Hydra's syntax and rules.
+
+    ``key=value`` changes a key the config has, ``+key=value`` adds one, ``++key=value`` adds
+    or changes, and ``~key`` deletes. Config-group options (``endpoint=openai``) and sweeps
+    (``a=1,2``) are rejected, because there is no config tree to compose them from. Raises
+    ConfigError with one line.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except OverrideParseException as exc:
+        raise ConfigError(hydra_error_line(exc)) from None
+    for override in parsed:
+        _check_single_override(override)
+        try:
+            _apply_override(override, cfg)
+        except AssertionError:
+            # OmegaConf asserts when a key is set below a parent that is null.
+            parent = override.key_or_group.rpartition(".")[0] or override.key_or_group
+            raise ConfigError(f"{override.input_line}: {parent} is null in this config; set it as a whole, "
+                              f"for example '++{parent}={{KEY: VALUE}}'") from None
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise ConfigError(hydra_error_line(exc)) from None
+
+
+def _check_single_override(override: Any) -> None:
+    """Raise ConfigError for a sweep or a config-group option, which only a composition can apply."""
+    line = override.input_line
+    if override.is_sweep_override():
+        raise ConfigError(f"{line}: a sweep cannot be applied to one run; pass a single value")
+    key = override.key_or_group
+    keys = schema_keys(key) if "." not in key else []
+    if keys and isinstance(override.value(), str) and not override.is_delete():
+        example = f", for example {key}.kind={override.value()}" if "kind" in keys else ""
+        raise ConfigError(f"{line}: config-group options cannot be picked here, only keys; set the keys "
+                          f"of {key} instead{example} (keys of {key}: {', '.join(keys)})")
+
+
+def _apply_override(override: Any, cfg: DictConfig) -> None:
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    key, value = override.key_or_group, override.value()
+    schema = section_schema(key) if "." not in key else None
+    if schema is not None and isinstance(value, dict) and cfg.get(key) is None:
+        # OmegaConf 2.3 fails to merge a mapping into a null section (sla when no rule set
+        # was picked), so the section is built from its schema and assigned whole.
+        try:
+            cfg[key] = OmegaConf.merge(OmegaConf.structured(schema), value)
+        except (ConfigAttributeError, ConfigKeyError) as exc:
+            raise ConfigError(f"{override.input_line}: {unknown_key_line(f'{key}.{exc.full_key}')}") from None
+        return
+    # NOTE: a private helper of Hydra 1.3 (pyproject pins hydra-core < 1.4); it is the code
+    # that applies command-line overrides when Hydra composes a config.
+    ConfigLoaderImpl._apply_overrides_to_config([override], cfg)
+
+
 # Name of the file in which a multirun job leaves its one-line error for the aggregation.
 JOB_ERROR_FILE = "error.txt"
 
 
 class AggregateReports(Callback):
-    """Build the sweep's aggregated CSVs, plots and report.html when a multirun ends.
+    """Check every job of a multirun before the first starts, and aggregate when it ends.
 
     Hydra 1.3 skips ``on_multirun_end`` when a job raises, so jobs never raise: a failed job
-    leaves ``error.txt`` in its folder, and this callback lists it and exits non-zero after
-    the aggregation.
+    leaves ``error.txt`` in its folder, and this callback lists it and exits with status 2
+    after the aggregation, the status each such job would have had as a single run.
     """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
+        # Hydra turns an exception raised by a callback into a warning and goes on, so a
+        # rejected sweep ends with SystemExit, which Hydra lets through.
+        from runner.redact import redact_text, secrets_from_overrides
+
+        problems = sweep_problems(config, debug=_debug_requested(sys.argv[1:]))
+        if problems:
+            # An error line may quote an override that sets a secret header.
+            secrets = secrets_from_overrides(sys.argv[1:])
+            for line in problems:
+                print(f"error: {redact_text(line, secrets)}", file=sys.stderr)
+            sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: object) -> None:
         from runner.report import build_report
@@ -72,11 +147,127 @@ class AggregateReports(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         for path in build_report(sweep_dir):
             print(f"wrote {path}")
-        failed = sorted(p.parent.name for p in sweep_dir.glob(f"*/{JOB_ERROR_FILE}"))
+        failed = sorted((p.parent.name for p in sweep_dir.glob(f"*/{JOB_ERROR_FILE}")),
+                        key=lambda name: (not name.isdigit(), int(name) if name.isdigit() else 0, name))
         if failed:
             print(f"error: {len(failed)} job(s) failed: {', '.join(failed)}; see {JOB_ERROR_FILE} in each",
                   file=sys.stderr)
-            sys.exit(1)
+            sys.exit(2)
+
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+# Launchers whose jobs run on this machine, where files, environment variables and packages
+# are the ones a job will see. Jobs of other launchers (Ray, SLURM) run on other nodes, so
+# only their settings are checked up front.
+LOCAL_LAUNCHERS = (
+    "hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+    "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+)
+# Launcher plugin modules -> the pip package that provides each, and whether the runner's
+# `launchers` extra installs it.
+LAUNCHER_PACKAGES = {
+    "hydra_plugins.hydra_joblib_launcher": ("hydra-joblib-launcher", True),
+    "hydra_plugins.hydra_submitit_launcher": ("hydra-submitit-launcher", True),
+    "hydra_plugins.hydra_ray_launcher": ("hydra-ray-launcher", False),
+}
+
+
+def sweep_problems(config: DictConfig, debug: bool = False) -> list[str]:
+    """Return one line per reason the multirun in ``config`` cannot start; empty when it can."""
+    launcher = _launcher_problem(config)
+    if launcher is not None:
+        return [launcher]
+    return _job_problems(config, debug)
+
+
+def _module_installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+def _launcher_problem(config: DictConfig) -> Optional[str]:
+    """Return the error line for a launcher whose plugin package is not installed."""
+    target = OmegaConf.select(config, "hydra.launcher._target_", default=None)
+    if not target or _module_installed(target.rpartition(".")[0]):
+        return None
+    choices = OmegaConf.select(config, "hydra.runtime.choices", default=None) or {}
+    choice = choices.get("hydra/launcher")
+    key = f"hydra/launcher={choice}" if choice else "hydra.launcher._target_"
+    for module, (package, in_extra) in LAUNCHER_PACKAGES.items():
+        if target.startswith(module + "."):
+            install = (f"pip install -e '.[launchers]' in the runner's folder, or pip install {package}"
+                       if in_extra else f"pip install {package}")
+            return f"{key} needs the Hydra launcher plugin {package}, which is not installed; run {install}"
+    return f"{key}: the launcher {target} is not installed; install its plugin package or pick another launcher"
+
+
+def _job_problems(config: DictConfig, debug: bool) -> list[str]:
+    """Compose every job of a basic sweep and check it the way a single run would.
+
+    Returns one line per distinct error, naming the jobs it hits, so a bad value in one job
+    stops the sweep before any job sends load. Composition errors are left to Hydra, which
+    reports them itself before it starts a job. Composing and checking took about 0.1 s per
+    job (100 jobs in 12 s on a 2-core machine at load average 3.4).
+    """
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from omegaconf import open_dict, read_write
+
+    from runner.preflight import check_inputs
+    from runner.redact import redact_argv
+    from runner.sla.rules import parse_rules
+
+    if OmegaConf.select(config, "hydra.sweeper._target_", default=None) != BASIC_SWEEPER:
+        return []  # another sweeper chooses its jobs as it runs
+    loader = GlobalHydra.instance().config_loader()
+    # The same job list BasicSweeper.sweep builds: hydra.sweeper.params, then the command line.
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    arguments = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
+    swept = tuple(f"{override.get_key_element()}=" for override in parsed if override.is_sweep_override())
+    jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    local = OmegaConf.select(config, "hydra.launcher._target_", default=None) in LOCAL_LAUNCHERS
+
+    # Error line -> (job number, the job's swept overrides) of each job that fails with it.
+    failures: dict[str, list[tuple[int, str]]] = {}
+    for index, overrides in enumerate(jobs):
+        try:
+            job_config = loader.load_sweep_config(config, list(overrides))
+        except (HydraException, OmegaConfBaseException):
+            continue
+        with read_write(job_config), open_dict(job_config):
+            del job_config["hydra"]
+        try:
+            run_config = to_run_config(job_config)
+            if local:
+                check_inputs(run_config)
+            elif run_config.sla is not None:
+                parse_rules(run_config.sla.rules)
+        except RunnerError as exc:
+            if debug:
+                traceback.print_exception(exc)
+            label = " ".join(redact_argv(item for item in overrides if item.startswith(swept)))
+            failures.setdefault(str(exc), []).append((index, label))
+    return _failure_lines(failures, len(jobs))
+
+
+def _failure_lines(failures: dict[str, list[tuple[int, str]]], job_count: int) -> list[str]:
+    lines = []
+    for message, failed in failures.items():
+        if len(failed) == 1:
+            index, label = failed[0]
+            lines.append(f"job {index} ({label}): {message}" if label else f"job {index}: {message}")
+        elif len(failed) == job_count:
+            lines.append(f"all {job_count} jobs: {message}")
+        else:
+            lines.append(f"jobs {', '.join(str(index) for index, _ in failed)}: {message}")
+    if lines:
+        bad = sum(len(failed) for failed in failures.values())
+        lines.append(f"no job was started: {bad} of {job_count} jobs have invalid settings")
+    return lines
 
 
 def _redact_hydra_output(cfg: DictConfig, out_dir: Path, hydra_config: Any) -> None:
@@ -155,24 +346,19 @@ _MISSING_OPTION = re.compile(r"Could not find '([^'/]+)/([^']+)'")
 _CONVERSION = re.compile(r"could not be converted to (\w+)")
 
 
-def _schema_keys(dotted: str) -> list[str]:
-    """Return the keys allowed at the dotted path of ``RunConfig`` (empty when it is not a section)."""
-    cls: Any = RunConfig
-    for part in [p for p in dotted.split(".") if p]:
-        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
-        if part not in fields:
-            return []
-        cls = fields[part].default_factory if fields[part].default_factory is not dataclasses.MISSING else None
-        if cls is None:
-            return []
-    return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
-
-
-def _override_for(key: str) -> str:
+def _override_for(key: str) -> Optional[str]:
+    """Return the command-line override that sets ``key``, or None when none does."""
     for arg in sys.argv[1:]:
         if arg.lstrip("+~").split("=", 1)[0] == key:
             return arg
-    return key
+    return None
+
+
+def unknown_key_line(key: str) -> str:
+    """Return the one-line error for a key that the schema does not declare."""
+    override = _override_for(key)
+    head = f"{override}: unknown key {key}" if override else f"unknown key {key}"
+    return f"{head}; {unknown_key_hint(key)}"
 
 
 def hydra_error_line(exc: BaseException) -> str:
@@ -190,10 +376,7 @@ def hydra_error_line(exc: BaseException) -> str:
             return (f"{group}={option}: no such option in config group {group}; "
                     f"pass one of: {', '.join(options) or 'none found'}")
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
-        parent = key.rpartition(".")[0]
-        allowed = _schema_keys(parent)
-        hint = f"valid keys of {parent or 'the config'}: {', '.join(allowed)}" if allowed else "check the spelling"
-        return f"{_override_for(key)}: unknown key {key}; {hint}"
+        return unknown_key_line(key)
     if isinstance(cause, ValidationError) and key:
         reason = str(cause).splitlines()[0]
         match = _CONVERSION.search(reason)
@@ -205,7 +388,7 @@ def hydra_error_line(exc: BaseException) -> str:
             fix = "pass one of the listed values"
         else:
             fix = f"fix the value of {key}"
-        return f"{_override_for(key)}: {reason}; {fix}"
+        return f"{_override_for(key) or key}: {reason}; {fix}"
     if isinstance(exc, AssertionError):
         unset = [arg for arg in sys.argv[1:] if arg.startswith("sla.")]
         if unset:

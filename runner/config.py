@@ -123,19 +123,31 @@ class ModelConfig:
         _require(bool(self.tokenizer), "model.tokenizer must not be empty; pass a path, a hub id or qwen2.5")
 
 
+# The dataset options that read prompts from a file, as error messages name them.
+_FILE_KINDS = "dataset=sharegpt, line_by_line or jsonl"
+
+
 @dataclass
 class DatasetConfig:
     kind: DatasetKind = DatasetKind.random
-    # Local file for the file-based kinds (sharegpt, line_by_line, jsonl, replay).
+    # Local file for the file-based kinds (sharegpt, line_by_line, jsonl, replay); must be
+    # null for random.
     path: Optional[str] = None
-    # Prompt length bounds in tokens (random: lengths drawn uniformly in [min, max]; files: filter).
+    # Prompt length in tokens, with a different meaning per kind:
+    # - random: each prompt's length is drawn uniformly from [min, max], so min == max gives
+    #   exactly that many tokens of prompt text (prefix_length and, on a chat endpoint, the
+    #   chat template's tokens come on top);
+    # - sharegpt, line_by_line, jsonl: a filter that keeps only the file's prompts whose length
+    #   is within [min, max], counted with the client tokenizer and, on a chat endpoint, with
+    #   the chat template applied;
+    # - replay: not used.
     min_prompt_length: int = 128
     max_prompt_length: int = 128
-    # Tokens of one shared prefix put before every random prompt.
+    # random only: tokens of one shared prefix put before every prompt.
     prefix_length: int = 0
     # Number of distinct prompts to prepare; requests cycle through them (null: one per request).
     num_prompts: Optional[int] = None
-    # Seed for prompt generation and sampling.
+    # Seed for prompt generation (random) or for the order in which file prompts are taken.
     seed: int = 0
     # sharegpt only: send the first reply's token count as each prompt's max_tokens.
     use_reply_length: bool = False
@@ -152,11 +164,29 @@ class DatasetConfig:
             self.num_prompts is None or self.num_prompts >= 1,
             f"dataset.num_prompts must be >= 1 or null, got {self.num_prompts}",
         )
-        if self.kind is not DatasetKind.random:
+        # A key that the chosen kind does not read would change nothing, so a value other than
+        # its default is rejected rather than silently ignored.
+        if self.kind is DatasetKind.random:
+            _require(
+                self.path is None,
+                f"dataset.path is set to {self.path!r}, but dataset=random generates its prompts and reads "
+                f"no file; pick a file dataset ({_FILE_KINDS}) or set dataset.path=null",
+            )
+        else:
             _require(
                 bool(self.path),
                 f"dataset.path is required for dataset={self.kind.value}; pass dataset.path=/path/to/file",
             )
+            _require(
+                self.prefix_length == 0,
+                f"dataset.prefix_length applies only to dataset=random, got {self.prefix_length} "
+                f"with dataset={self.kind.value}; pass dataset.prefix_length=0",
+            )
+        _require(
+            not self.use_reply_length or self.kind is DatasetKind.sharegpt,
+            f"dataset.use_reply_length applies only to dataset=sharegpt, got dataset={self.kind.value}; "
+            "pass dataset.use_reply_length=false, or set max_tokens per line in a jsonl file",
+        )
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 
 from runner.client.record import Prompt, RequestRecord
-from runner.config import DatasetKind, EndpointKind, RunConfig
+from runner.config import DatasetKind, EndpointKind, LoadBackend, LoadConfig, RunConfig
 from runner.errors import ConfigError, DataError, EndpointError
 
 log = logging.getLogger(__name__)
@@ -55,12 +56,24 @@ def check_inputs(config: RunConfig) -> None:
         from runner.sim.profile import load_profile
 
         load_profile(config.model.sim_profile)
+    if config.load.uses_ray and importlib.util.find_spec("ray") is None:
+        raise ConfigError(ray_missing_message(config.load))
     key_env = config.endpoint.api_key_env
     if key_env and os.environ.get(key_env) is None:
         raise ConfigError(
             f"endpoint.api_key_env names the environment variable {key_env}, which is not set; "
             f"export it or set endpoint.api_key_env=null"
         )
+
+
+def ray_missing_message(load: LoadConfig) -> str:
+    """Return the error line for a run that requests Ray workers while the ray package is not installed."""
+    if load.backend is LoadBackend.ray:
+        key, fallback = "load.backend=ray", "set load.backend=process"
+    else:
+        key, fallback = f"load.ray_address={load.ray_address}", "set load.ray_address=null"
+    return (f"{key} needs the ray package, which is not installed; run pip install -e '.[ray]' "
+            f"in the runner's folder, or {fallback}")
 
 
 def _fatal_status(status: Optional[int]) -> bool:

@@ -13,7 +13,8 @@ offset error is at most half of that round trip. It moves whole records (schedul
 and every timestamp of one record shift together), so TTFT, latency, TPOT and lateness,
 which are differences within one record, do not change.
 
-The package ``ray`` is optional (``pip install runner[ray]``); it is imported only here.
+The package ``ray`` is optional (the ``ray`` extra: ``pip install -e '.[ray]'``); it is imported
+only here.
 """
 
 from __future__ import annotations
@@ -47,13 +48,17 @@ _TIME_FIELDS = ("scheduled_at", "dispatched_at", "sent_at", "first_token_at", "l
 
 
 def import_ray() -> Any:
-    """Return the ``ray`` module, or raise ConfigError saying how to install it."""
+    """Return the ``ray`` module, or raise ConfigError saying how to install it.
+
+    ``runner.preflight.check_inputs`` already rejects a run that needs Ray when the package
+    is missing, so in a run this fires only when an installed Ray fails to import.
+    """
     try:
         import ray
-    except ImportError:
+    except ImportError as exc:
         raise ConfigError(
-            "load.backend=ray needs the ray package, which is not installed; "
-            "pip install 'runner[ray]' or set load.backend=process"
+            f"load.backend=ray: the ray package cannot be imported ({exc}); run pip install -e '.[ray]' "
+            "in the runner's folder, or set load.backend=process"
         ) from None
     return ray
 

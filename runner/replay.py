@@ -1,10 +1,12 @@
-"""Command line: ``python -m runner.replay RUN_DIR``; runs an archived experiment again.
+"""Command line: ``python -m runner.replay RUN_DIR [KEY=VALUE ...]``; runs an archived experiment again.
 
 Everything comes from the run folder: the composed config in ``.hydra/config.yaml`` and the
 prompts in ``prompts.jsonl``. The dataset is switched to those archived prompts (kind
 ``replay``), so the new run sends byte-identical prompts even when the tokenizer or the
-dataset code changed since. The new folder gets the config it ran with, a copy of the
-original overrides and ``replay.json``, which names the original run.
+dataset code changed since. Overrides in Hydra's syntax (``endpoint.url=...``) change the
+archived config before it runs. The new folder gets the config it ran with, the original
+overrides followed by the replay's own, and ``replay.json``, which names the original run.
+Its manifest.json records the replay command and the overrides too.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from runner.config import DatasetKind, RunConfig
 from runner.errors import ConfigError, RunnerError
+from runner.redact import redact_argv, redact_hydra_files, secret_values, secrets_from_overrides
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +64,13 @@ def check_run_folder(run_dir: Path) -> None:
         raise RunnerError(f"{run_dir / PROMPTS_FILE} not found; only runs that archived their prompts can be replayed")
 
 
-def replay_config(run_dir: Path) -> tuple[DictConfig, RunConfig]:
-    """Load the archived config with the dataset switched to the archived prompts.
+def replay_config(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[DictConfig, RunConfig]:
+    """Load the archived config with the dataset switched to the archived prompts, then apply ``overrides``.
 
     Returns the config as Hydra would have composed it and the checked ``RunConfig``. Raises
-    RunnerError with one line when the folder or its config is unusable.
+    RunnerError with one line when the folder, its config or an override is unusable.
     """
-    from runner.__main__ import to_run_config  # imports Hydra, so only when a replay starts
+    from runner.__main__ import apply_overrides, to_run_config  # imports Hydra, so only when a replay starts
 
     check_run_folder(run_dir)
     path = run_dir / CONFIG_FILE
@@ -86,14 +89,22 @@ def replay_config(run_dir: Path) -> tuple[DictConfig, RunConfig]:
         composed.dataset.path = str(prompts)
         # The archived file contains every prompt of the run, so none is drawn or repeated.
         composed.dataset.num_prompts = None
+        # The archived prompts already carry the shared prefix and each prompt's max_tokens,
+        # and the replay dataset rejects these random- and ShareGPT-only keys.
+        composed.dataset.prefix_length = 0
+        composed.dataset.use_reply_length = False
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         message = str(exc).splitlines()[0]
         raise ConfigError(f"{path}: {key}: {message}" if key else f"{path}: {message}") from None
     try:
-        return composed, to_run_config(composed)
+        config = to_run_config(composed)
     except RunnerError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    if not overrides:
+        return composed, config
+    apply_overrides(composed, overrides)
+    return composed, to_run_config(composed)
 
 
 def default_out_dir(now: Optional[dt.datetime] = None) -> Path:
@@ -128,36 +139,63 @@ def _original_dataset(run_dir: Path) -> Optional[dict[str, Any]]:
     return dataset if isinstance(dataset, dict) else None
 
 
-def write_archive(composed: DictConfig, run_dir: Path, out_dir: Path) -> None:
-    """Write the replay's ``.hydra/`` and ``replay.json`` before any load is sent."""
+def write_archive(composed: DictConfig, run_dir: Path, out_dir: Path, overrides: Sequence[str],
+                  secrets: Sequence[str]) -> dict[str, Any]:
+    """Write the replay's ``.hydra/`` and ``replay.json`` before any load is sent; return the record."""
     (out_dir / ".hydra").mkdir(exist_ok=True)
     OmegaConf.save(composed, out_dir / CONFIG_FILE)
+    redacted = redact_argv(overrides, secrets)
     if (run_dir / OVERRIDES_FILE).is_file():
         # The original overrides, so reports label the replay like the run it repeats.
         shutil.copyfile(run_dir / OVERRIDES_FILE, out_dir / OVERRIDES_FILE)
+    if overrides:
+        # Plain YAML, because OmegaConf would resolve a ${...} inside an override's value.
+        path = out_dir / OVERRIDES_FILE
+        original = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+        combined = [*(original if isinstance(original, list) else []), *redacted]
+        path.write_text(yaml.safe_dump(combined, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    redact_hydra_files(out_dir / ".hydra", secrets)
     record = {
         "replay_of": str(run_dir.resolve()),
         "original_dataset": _original_dataset(run_dir),
-        "command": [Path(sys.executable).name, "-m", "runner.replay", *sys.argv[1:]],
+        "overrides": redacted,
+        "command": [Path(sys.executable).name, "-m", "runner.replay", *redact_argv(sys.argv[1:], secrets)],
     }
     (out_dir / REPLAY_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return record
 
 
-def replay(run_dir: Path, out_dir: Optional[Path] = None) -> tuple[int, Path]:
-    """Run the experiment archived in ``run_dir`` again; return the exit code and the new folder.
+def _record_in_manifest(out_dir: Path, record: dict[str, Any]) -> None:
+    """Put the replay command and its overrides into the manifest.json that the run wrote."""
+    path = out_dir / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # the run stopped before it wrote a manifest
+    manifest["runner_command"] = record["command"]
+    manifest["replay"] = {key: record[key] for key in ("replay_of", "overrides")}
+    path.write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
 
-    Raises RunnerError with one line when the folder cannot be replayed or the run fails.
+
+def replay(run_dir: Path, out_dir: Optional[Path] = None, overrides: Sequence[str] = ()) -> tuple[int, Path]:
+    """Run the experiment archived in ``run_dir`` again, changed by ``overrides``.
+
+    Returns the exit code and the new folder. Raises RunnerError with one line when the
+    folder cannot be replayed or the run fails.
     """
     from runner.run import execute  # pulls in the client and the tokenizer
 
-    composed, config = replay_config(run_dir)
+    composed, config = replay_config(run_dir, overrides)
     out_dir = make_out_dir(out_dir)
     _log_to_file(out_dir / "runner.log")
-    write_archive(composed, run_dir, out_dir)
+    endpoint = config.endpoint
+    secrets = secret_values(endpoint.headers, endpoint.api_key_env, endpoint.url) + secrets_from_overrides(overrides)
+    record = write_archive(composed, run_dir, out_dir, overrides, secrets)
     log.info("replaying %s into %s", run_dir, out_dir)
-    # NOTE: execute() records "python -m runner" plus this command's arguments as manifest.json's
-    # runner_command; replay.json contains the command that was actually run.
-    return execute(config, out_dir), out_dir
+    try:
+        return execute(config, out_dir), out_dir
+    finally:
+        _record_in_manifest(out_dir, record)
 
 
 def _log_to_file(path: Path) -> None:
@@ -172,23 +210,29 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         description=(
             "Run an archived experiment again from its run folder alone: the composed config in "
             ".hydra/config.yaml and the prompts in prompts.jsonl, sent byte for byte as before. "
-            "The new run folder gets replay.json naming the original run."
+            "Overrides change the archived config first. The new run folder gets replay.json naming "
+            "the original run and the overrides."
         ),
     )
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run folder written by python -m runner")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="changes to the archived config in Hydra's override syntax, for example "
+             "endpoint.kind=openai endpoint.url=http://127.0.0.1:8000/v1/chat/completions load.parallel=8",
+    )
     parser.add_argument(
         "--out", type=Path, default=None, metavar="DIR",
         help="folder to write the new run into (default: outputs/replay/<date>/<time with microseconds>)",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
-        code, out_dir = replay(args.run_dir, args.out)
+        code, out_dir = replay(args.run_dir, args.out, args.overrides)
     except RunnerError as exc:
         if args.debug:
             raise

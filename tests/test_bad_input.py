@@ -6,6 +6,7 @@ file, the bad value and the fix that the line must name.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -22,6 +23,17 @@ BAD_PROFILE = "step_base: [unclosed\n"
 CASES = [
     ("unknown key", ["load.foo=1"], ["load.foo", "unknown key", "parallel"]),
     ("unknown top key", ["foo=1"], ["foo=1", "unknown key"]),
+    ("added unknown key", ["+load.foo=1"], ["+load.foo=1: unknown key load.foo", "valid keys of load:", "parallel"]),
+    ("added misspelt key", ["+load.paralel=2"], ["unknown key load.paralel", "did you mean load.parallel?"]),
+    ("added unknown top key", ["+foo=1"], ["+foo=1: unknown key foo", "valid keys at the top level:", "load"]),
+    ("added unknown sla key", ["+sla=custom", 'sla.rules=[{p99_ttft:"<=1"}]', "+sla.colour=blue"],
+     ["+sla.colour=blue: unknown key sla.colour", "valid keys of sla: rules"]),
+    ("header without plus", ["endpoint.headers.X-Team=infra"],
+     ["endpoint.headers.X-Team=infra: unknown key", "+endpoint.headers.X-Team=VALUE"]),
+    ("path for random dataset", ["dataset.path={tmp}/bad.jsonl"],
+     ["dataset.path is set to", "dataset=random", "dataset.path=null"]),
+    ("prefix for file dataset", ["dataset=jsonl", "dataset.path={tmp}/bad.jsonl", "dataset.prefix_length=4"],
+     ["dataset.prefix_length", "dataset=jsonl", "dataset.prefix_length=0"]),
     ("wrong type int", ["load.parallel=abc"], ["load.parallel", "abc", "pass an integer"]),
     ("wrong type float", ["load.rate=fast"], ["load.rate", "fast", "pass a number"]),
     ("wrong enum", ["load.arrival=bad"], ["load.arrival", "bad", "poisson"]),
@@ -106,6 +118,28 @@ def test_debug_shows_traceback(tmp_path, overrides):
 
     assert done.returncode != 0
     assert "Traceback" in done.stderr
+
+
+RAY_INSTALLED = importlib.util.find_spec("ray") is not None
+
+
+@pytest.mark.skipif(RAY_INSTALLED, reason="the ray extra is installed")
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("override, line", [
+    ("load.backend=ray", "error: load.backend=ray needs the ray package, which is not installed; "
+                         "run pip install -e '.[ray]' in the runner's folder, or set load.backend=process"),
+    ("load.ray_address=ray://127.0.0.1:10001",
+     "error: load.ray_address=ray://127.0.0.1:10001 needs the ray package, which is not installed; "
+     "run pip install -e '.[ray]' in the runner's folder, or set load.ray_address=null"),
+], ids=["backend", "address"])
+def test_missing_ray_rejected_before_setup(tmp_path, override, line):
+    done = run_cli(tmp_path, [override])
+
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [line]
+    # Rejected before the simulated server started, and the empty run folder is gone.
+    assert "simulated server" not in done.stdout + done.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_cases_cover_thirty_inputs():

@@ -14,6 +14,8 @@ from runner.compare import compare, write_files
 from runner.compare.__main__ import main
 from runner.config import RunConfig
 
+from paths import CONF_DIR
+
 FINGERPRINT = "a" * 64
 
 
@@ -149,6 +151,31 @@ def test_different_model_and_load_warn(tmp_path):
         "different load settings: load.number 100 vs 50",
         "different models: model.name 'qwen2.5-0.5b-instruct' (A) vs 'other' (B)",
     ]
+
+
+def composed(*overrides: str):
+    """Compose conf/ as the command line would, with the runner's schema registered."""
+    import runner.__main__  # noqa: F401  registers the run_schema the config tree extends
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_different_sim_profile_warns(tmp_path):
+    a = write_run(tmp_path / "a", [point(1)], config=composed())
+    b = write_run(tmp_path / "b", [point(1)], config=composed("model.sim_profile=batch8-slow", "endpoint.sim_seed=3"))
+    assert compare(a, b).warnings == [
+        "different simulated servers: model.sim_profile 'default' vs 'batch8-slow'; endpoint.sim_seed 0 vs 3"]
+
+
+def test_sim_profile_ignored_for_real_servers(tmp_path):
+    real = ["endpoint=openai", "endpoint.url=http://127.0.0.1:8000/v1/chat/completions"]
+    a = write_run(tmp_path / "a", [point(1)], config=composed(*real))
+    b = write_run(tmp_path / "b", [point(1)], config=composed(*real, "model.sim_profile=batch8-slow"))
+    assert compare(a, b).warnings == []
+    c = write_run(tmp_path / "c", [point(1)], config=composed())
+    assert compare(a, c).warnings == ["different servers: endpoint.kind 'openai' (A) vs 'sim' (B)"]
 
 
 def test_arrival_checked_in_open_loop_only(tmp_path):

@@ -63,3 +63,34 @@ def test_wrong_type_names_key():
     with pytest.raises(ConfigCompositionException) as raised:
         build("load.parallel=many")
     assert "load.parallel" in str(raised.value)
+
+
+LOAD_KEYS = ("arrival, backend, burstiness, duration, max_client_delay, number, parallel, rate, ray_address, seed, "
+             "warmup, workers")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["+load.foo=1"], f"unknown key load.foo; valid keys of load: {LOAD_KEYS}"),
+        (["+load.paralel=8"], f"unknown key load.paralel; did you mean load.parallel? valid keys of load: {LOAD_KEYS}"),
+        (["++dataset.prefix=8"], "unknown key dataset.prefix; did you mean dataset.prefix_length? valid keys of "
+                                 "dataset: kind, max_prompt_length, min_prompt_length, num_prompts, path, "
+                                 "prefix_length, seed, use_reply_length"),
+        (["+colour=blue"], "unknown key colour; valid keys at the top level: dataset, debug, endpoint, load, model, "
+                           "progress, request, search, sla"),
+        (["+sla=custom", "sla.rules=[]", "+sla.rule=x"],
+         "unknown key sla.rule; did you mean sla.rules? valid keys of sla: rules"),
+    ],
+)
+def test_added_unknown_key_rejected(overrides, message):
+    # Composed in-process, so no command-line override is quoted before the message.
+    with pytest.raises(ConfigError) as raised:
+        build(*overrides)
+    assert str(raised.value) == message
+
+
+def test_free_form_mappings_take_any_key():
+    config = build("+endpoint.headers.X-Team=infra", "+request.extra_body.top_p=0.9")
+    assert config.endpoint.headers == {"X-Team": "infra"}
+    assert config.request.extra_body == {"top_p": 0.9}

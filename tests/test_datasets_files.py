@@ -300,16 +300,40 @@ def test_sharegpt_no_human_turn(qwen_tokenizer):
     )
 
 
-def test_settings_for_random_only(qwen_tokenizer):
-    with pytest.raises(ConfigError) as raised:
-        build_prompts(dataset(DatasetKind.jsonl, DATA / "prompts.jsonl", prefix_length=8), qwen_tokenizer, 3)
-    assert str(raised.value) == "dataset.prefix_length applies only to dataset=random, got 8; pass dataset.prefix_length=0"
-    with pytest.raises(ConfigError) as raised:
-        build_prompts(dataset(DatasetKind.jsonl, DATA / "prompts.jsonl", use_reply_length=True), qwen_tokenizer, 3)
-    assert str(raised.value) == (
-        "dataset.use_reply_length applies only to dataset=sharegpt, got dataset=jsonl; "
-        "pass dataset.use_reply_length=false, or set max_tokens per line in a jsonl file"
-    )
+# (dataset option, override of a key that option does not use, the whole error line)
+UNUSED_KEYS = [
+    ("random", "dataset.path=prompts.txt",
+     "dataset.path is set to 'prompts.txt', but dataset=random generates its prompts and reads no file; "
+     "pick a file dataset (dataset=sharegpt, line_by_line or jsonl) or set dataset.path=null"),
+    ("random", "dataset.use_reply_length=true",
+     "dataset.use_reply_length applies only to dataset=sharegpt, got dataset=random; "
+     "pass dataset.use_reply_length=false, or set max_tokens per line in a jsonl file"),
+    ("jsonl", "dataset.prefix_length=8",
+     "dataset.prefix_length applies only to dataset=random, got 8 with dataset=jsonl; pass dataset.prefix_length=0"),
+    ("sharegpt", "dataset.prefix_length=8",
+     "dataset.prefix_length applies only to dataset=random, got 8 with dataset=sharegpt; "
+     "pass dataset.prefix_length=0"),
+    ("line_by_line", "dataset.use_reply_length=true",
+     "dataset.use_reply_length applies only to dataset=sharegpt, got dataset=line_by_line; "
+     "pass dataset.use_reply_length=false, or set max_tokens per line in a jsonl file"),
+]
+
+
+@pytest.mark.parametrize("group, override, message", UNUSED_KEYS, ids=[f"{c[0]} {c[1]}" for c in UNUSED_KEYS])
+def test_unused_key_rejected(group, override, message):
+    path = [] if group == "random" else ["dataset.path=prompts.txt"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        with pytest.raises(ConfigError) as raised:
+            to_run_config(compose("config", overrides=[f"dataset={group}", *path, override]))
+    assert str(raised.value) == message
+
+
+def test_random_accepts_null_path():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        config = to_run_config(compose("config", overrides=["dataset=random", "dataset.path=null",
+                                                            "dataset.prefix_length=8"]))
+    assert config.dataset.path is None
+    assert config.dataset.prefix_length == 8
 
 
 # --- config groups -------------------------------------------------------------------------------

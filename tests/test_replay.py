@@ -108,6 +108,56 @@ def test_compare_replay_has_no_setting_warnings(original_and_replay):
     assert set(comparison.metrics["metric"]) >= {"rps", "p99_latency", "p99_ttft"}
 
 
+# The secret must never reach a file of the new run folder.
+SECRET = "s3cret-replay-token"
+
+
+@pytest.fixture(scope="module")
+def replay_with_overrides(original_and_replay, tmp_path_factory):
+    original, _ = original_and_replay
+    out_dir = tmp_path_factory.mktemp("replay-overrides") / "run"
+    overrides = ["load.parallel=2", "load.number=8", f"+endpoint.headers.Authorization=Bearer {SECRET}"]
+    result = run_cli("-m", "runner.replay", str(original), *overrides, "--out", str(out_dir), cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    return original, out_dir
+
+
+def test_replay_overrides_change_run(replay_with_overrides):
+    original, replayed = replay_with_overrides
+    summary = pd.read_csv(replayed / "summary.csv").iloc[0]
+    assert summary["parallel"] == 2
+    assert summary["requests"] == 8
+    # The prompts are still the archived ones.
+    assert manifest(replayed)["dataset"]["fingerprint"] == manifest(original)["dataset"]["fingerprint"]
+
+
+def test_replay_overrides_recorded(replay_with_overrides):
+    original, replayed = replay_with_overrides
+    recorded = ["load.parallel=2", "load.number=8", "+endpoint.headers.Authorization=<redacted>"]
+    record = manifest(replayed)
+    assert record["replay"] == {"replay_of": str(original.resolve()), "overrides": recorded}
+    assert record["runner_command"][1:3] == ["-m", "runner.replay"]
+    assert json.loads((replayed / "replay.json").read_text(encoding="utf-8"))["overrides"] == recorded
+    original_overrides = OmegaConf.to_container(OmegaConf.load(original / ".hydra" / "overrides.yaml"))
+    assert OmegaConf.to_container(OmegaConf.load(replayed / ".hydra" / "overrides.yaml")) == [
+        *original_overrides, *recorded]
+    config = OmegaConf.load(replayed / ".hydra" / "config.yaml")
+    assert config.load.parallel == 2
+    assert config.endpoint.headers.Authorization == "<redacted>"
+
+
+def test_replay_overrides_keep_secret_out(replay_with_overrides):
+    _, replayed = replay_with_overrides
+    for path in replayed.rglob("*"):
+        if path.is_file():
+            assert SECRET not in path.read_text(encoding="utf-8", errors="replace"), path
+
+
+def test_compare_warns_about_replay_overrides(replay_with_overrides):
+    comparison = compare(*replay_with_overrides)
+    assert "different load settings: load.number 12 vs 8" in comparison.warnings
+
+
 @pytest.mark.slow
 def test_replay_sla_same_answer(tmp_path):
     original = run_benchmark(SLA_RUN, tmp_path / "original")
@@ -202,6 +252,46 @@ def test_out_folder_with_run_exits_2(tmp_path, capsys):
     (taken / "summary.csv").write_text("parallel\n")
     assert main([str(run_dir), "--out", str(taken)]) == 2
     assert "already contains a run (summary.csv)" in error_line(capsys)
+
+
+def test_overrides_applied_to_archive(tmp_path):
+    run_dir = write_run_folder(tmp_path / "run", {"dataset": {"prefix_length": 16}})
+    url = "http://127.0.0.1:8000/v1/completions"
+    _, config = replay_config(run_dir, ["endpoint.kind=openai", f"endpoint.url={url}", "load.parallel=8",
+                                        '++sla={rules: [{p99_ttft: "<=0.5"}]}'])
+    assert config.endpoint.url == url
+    assert config.endpoint.api.value == "completions"
+    assert config.load.parallel == 8
+    assert config.sla.rules == [{"p99_ttft": "<=0.5"}]
+    # The archived prompts already contain the random dataset's prefix.
+    assert config.dataset.prefix_length == 0
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["endpoint=openai"],
+     "error: endpoint=openai: config-group options cannot be picked here, only keys; set the keys of endpoint "
+     "instead, for example endpoint.kind=openai (keys of endpoint: api_key_env, connect_timeout, headers, kind, "
+     "read_timeout, request_timeout, sim_seed, url)"),
+    (["load.parallel=1,2"], "error: load.parallel=1,2: a sweep cannot be applied to one run; pass a single value"),
+    (["load.paralel=2"], "error: load.paralel=2: unknown key load.paralel; did you mean load.parallel? valid keys "
+                         "of load: arrival, backend, burstiness, duration, max_client_delay, number, parallel, rate, "
+                         "ray_address, seed, warmup, workers"),
+    (["load.parallel=0"], "error: load.parallel must be >= 1 (or null in open loop), got 0"),
+    (['sla.rules=[{p99_ttft:"<=1"}]'],
+     "error: sla.rules=[{p99_ttft:\"<=1\"}]: sla is null in this config; set it as a whole, for example "
+     "'++sla={KEY: VALUE}'"),
+    (["dataset.prefix_length=4"],
+     "error: dataset.prefix_length applies only to dataset=random, got 4 with dataset=replay; "
+     "pass dataset.prefix_length=0"),
+], ids=["group option", "sweep", "unknown key", "bad value", "null parent", "unused dataset key"])
+def test_bad_override_exits_2(tmp_path, capsys, monkeypatch, overrides, line):
+    run_dir = write_run_folder(tmp_path / "run")
+    argv = [str(run_dir), *overrides, "--out", str(tmp_path / "out")]
+    # Error lines quote the override as typed on the command line.
+    monkeypatch.setattr(sys, "argv", ["runner.replay", *argv])
+    assert main(argv) == 2
+    assert error_line(capsys) == line
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("line, message", [

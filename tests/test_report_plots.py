@@ -116,30 +116,53 @@ def test_choose_load_axis():
     assert plots.choose_load_axis(closed, preferred="rate") == "parallel"
 
 
-def test_sweep_plots_one_line_per_model(tmp_path, captured):
-    job = 0
-    for model, base in (("a", 1.0), ("b", 2.0)):
-        for sla in ("x", "y"):
-            make_run(tmp_path / str(job), loads=(1, 2, 4), overrides=[f"model={model}", f"+sla={sla}"], base=base)
-            job += 1
+def line_data(figure) -> dict[str, tuple[list, list]]:
+    (ax,) = figure.axes
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+
+
+def test_sweep_plots_one_line_per_job(tmp_path, captured):
+    # Two jobs per model, one per SLA set; each job's latency is offset by its own base.
+    bases = {("a", "x"): 1.0, ("a", "y"): 1.5, ("b", "x"): 2.0, ("b", "y"): 2.5}
+    for job, ((model, sla), base) in enumerate(bases.items()):
+        make_run(tmp_path / str(job), loads=(1, 2, 4), overrides=[f"model={model}", f"+sla={sla}"], base=base)
     written = build_report(tmp_path, run_plots=False)
     for name in SWEEP_PNGS:
         assert tmp_path / name in written
         assert is_png(tmp_path / name), name
-    (ax,) = captured["sweep_tps_vs_latency.png"].axes
-    lines = {line.get_label(): line for line in ax.get_lines()}
-    assert set(lines) == {"a", "b"}
-    assert list(lines["b"].get_xdata()) == pytest.approx([2.1, 2.2, 2.4])
-    assert list(lines["b"].get_ydata()) == [50.0, 100.0, 200.0]
-    assert ax.get_legend().get_title().get_text() == "model"
+    lines = line_data(captured["sweep_tps_vs_latency.png"])
+    assert sorted(lines) == ["model=a, sla=x", "model=a, sla=y", "model=b, sla=x", "model=b, sla=y"]
+    assert lines["model=a, sla=y"][0] == pytest.approx([1.6, 1.7, 1.9])
+    assert lines["model=b, sla=x"][0] == pytest.approx([2.1, 2.2, 2.4])
+    assert lines["model=b, sla=x"][1] == [50.0, 100.0, 200.0]
+    assert captured["sweep_tps_vs_latency.png"].axes[0].get_legend().get_title().get_text() == ""
 
 
-def test_sweep_plots_by_job_without_model(tmp_path, captured):
+def test_sweep_plots_join_load_override(tmp_path, captured):
+    job = 0
+    for model in ("a", "b"):
+        for parallel in (1, 2):
+            make_run(tmp_path / str(job), loads=(parallel,), overrides=[f"model={model}", f"load.parallel={parallel}"])
+            job += 1
+    build_report(tmp_path, run_plots=False)
+    lines = line_data(captured["sweep_tps_vs_load.png"])
+    assert lines == {"model=a": ([1, 2], [50.0, 100.0]), "model=b": ([1, 2], [50.0, 100.0])}
+
+
+def test_sweep_plots_join_without_other_override(tmp_path, captured):
     for job, parallel in enumerate((1, 2)):
         make_run(tmp_path / str(job), loads=(parallel,), overrides=[f"load.parallel={parallel}"])
     build_report(tmp_path, run_plots=False)
-    (ax,) = captured["sweep_tps_vs_load.png"].axes
-    assert [line.get_label() for line in ax.get_lines()] == ["job 0 (load.parallel=1)", "job 1 (load.parallel=2)"]
+    assert line_data(captured["sweep_tps_vs_load.png"]) == {"all jobs": ([1, 2], [50.0, 100.0])}
+
+
+def test_sweep_plots_split_repeated_loads(tmp_path, captured):
+    # Two SLA searches that start at different loads measure the same load values.
+    for job, parallel in enumerate((1, 2)):
+        make_run(tmp_path / str(job), loads=(1, 2, 4), overrides=[f"load.parallel={parallel}", "+sla=x"])
+    build_report(tmp_path, run_plots=False)
+    lines = line_data(captured["sweep_tps_vs_load.png"])
+    assert lines == {"job 0": ([1, 2, 4], [50.0, 100.0, 200.0]), "job 1": ([1, 2, 4], [50.0, 100.0, 200.0])}
 
 
 def test_sweep_job_plots_by_default(tmp_path):

@@ -78,19 +78,28 @@ def test_sla_sets_sweep(tmp_path):
     assert (sweep / "report.html").is_file()
 
 
+# A JSONL file whose second line is cut off: a job reading it fails when it builds its
+# prompts, after the sweep's up-front checks (which only see that the file exists).
+BAD_JSONL = '{"prompt": "first prompt"}\n{"prompt": "second prompt"\n'
+
+
 @pytest.mark.slow
 def test_failed_job_still_aggregates(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(BAD_JSONL, encoding="utf-8")
+    good = REPO_ROOT / "tests" / "data" / "prompts.jsonl"
     sweep = tmp_path / "sweep"
-    overrides = [o for o in SHORT_JOB if not o.startswith("request.max_tokens")]
-    result = run_sweep(["request.max_tokens=8,0", *overrides], sweep)
-    assert result.returncode != 0
+    overrides = [o for o in SHORT_JOB if not o.startswith("dataset.")]
+    result = run_sweep(["dataset=jsonl", f"dataset.path={good},{bad}", *overrides], sweep)
+    # Each failure is a one-line error, which exits 2 in a single run too.
+    assert result.returncode == 2, result.stderr
     assert "error: 1 job(s) failed: 1; see error.txt in each" in result.stderr.splitlines()
 
     error = (sweep / "1" / "error.txt").read_text(encoding="utf-8")
-    assert "request.max_tokens must be >= 1, got 0" in error
+    assert f"{bad} line 2" in error
     summary = pd.read_csv(sweep / "summary.csv")
     assert set(summary["job"]) == {0}
-    assert list(summary["request.max_tokens"]) == [8]
+    assert list(summary["dataset.path"]) == [str(good)]
     page = (sweep / "report.html").read_text(encoding="utf-8")
     assert "1 failed" in page
 
@@ -110,14 +119,18 @@ runpy.run_module("runner", run_name="__main__", alter_sys=True)
 
 
 def test_sweep_dir_with_pid_never_collides(tmp_path):
-    # Both jobs of each sweep fail their config check at once, so no server starts.
-    command = [sys.executable, "-c", WITH_PID_RESOLVER, "-m", "request.max_tokens=0,-1",
-               f"hydra.sweep.dir={tmp_path}/{PID_SWEEP_DIR}"]
+    # Both jobs of each sweep pass the up-front checks and then fail on the cut-off JSONL line,
+    # so the job folders exist but no server starts.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(BAD_JSONL, encoding="utf-8")
+    command = [sys.executable, "-c", WITH_PID_RESOLVER, "-m", "dataset=jsonl", f"dataset.path={bad}",
+               "dataset.seed=0,1", f"hydra.sweep.dir={tmp_path}/{PID_SWEEP_DIR}"]
     processes = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(2)]
     for process in processes:
         _, stderr = process.communicate(timeout=120)
-        assert "error: 2 job(s) failed: 0, 1" in stderr, stderr
+        assert "error: 2 job(s) failed: 0, 1; see error.txt in each" in stderr, stderr
+        assert process.returncode == 2, stderr
 
     sweeps = sorted(tmp_path.glob("*/*"))
     assert len(sweeps) == 2

@@ -3,7 +3,8 @@
 Load points present in both runs (matched on ``parallel`` and ``rate``) are compared metric by
 metric from summary.csv; SLA results are matched on their criteria from sla_summary.csv.
 Warnings say when the two runs did not measure the same thing: other prompts, request
-settings, output lengths, load settings or model.
+settings, output lengths, load settings, model or server (for the simulated server, its
+profile and seed).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ KEY_COLUMNS = ("parallel", "rate")
 # summary.csv columns that describe a load point but are not numbers to compare.
 NON_METRIC_COLUMNS = ("client_bound", "client_note")
 
+# Settings of the embedded simulated server (endpoint=sim).
+SIM_KEYS = ("model.sim_profile", "endpoint.sim_seed")
 REQUEST_KEYS = ("request.max_tokens", "request.min_tokens", "request.ignore_eos", "request.stream",
                 "request.temperature", "request.extra_body")
 # Settings that decide how much load a plain run sends ...
@@ -255,6 +258,7 @@ def comparability_warnings(a: RunData, b: RunData) -> list[str]:
         if setting(a.config, "model.name") != setting(b.config, "model.name"):
             warnings.append(f"different models: model.name {setting(a.config, 'model.name')!r} (A) vs "
                             f"{setting(b.config, 'model.name')!r} (B)")
+        warnings += _server_warnings(a.config, b.config)
 
     use_requests = all((run.path / "requests.csv").is_file() for run in (a, b))
     tokens_a, tokens_b = mean_completion_tokens(a, use_requests), mean_completion_tokens(b, use_requests)
@@ -263,6 +267,18 @@ def comparability_warnings(a: RunData, b: RunData) -> list[str]:
         warnings.append(f"different output lengths: {tokens_a:.1f} (A) vs {tokens_b:.1f} (B) mean completion tokens "
                         f"per request ({source}), more than {COMPLETION_TOKENS_TOLERANCE:.0%} apart")
     return warnings
+
+
+def _server_warnings(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Warn when one run measured the simulated server and the other did not, or two differently set-up ones."""
+    kinds = [setting(config, "endpoint.kind") for config in (a, b)]
+    if kinds[0] != kinds[1]:
+        return [f"different servers: endpoint.kind {kinds[0]!r} (A) vs {kinds[1]!r} (B)"]
+    if kinds[0] != "sim":
+        return []
+    # With endpoint=sim the profile is the server, so two profiles are two different servers.
+    simulated = _differences(a, b, SIM_KEYS)
+    return ["different simulated servers: " + "; ".join(simulated)] if simulated else []
 
 
 def _load_warnings(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

@@ -56,7 +56,6 @@ def file_prompts(config: DatasetConfig, tokenizer: Any, count: int, api: Api) ->
     When fewer prompts pass the filter than ``count``, they are repeated in the same order.
     Raises DataError naming the file (and line) for a file that cannot be used.
     """
-    _check_settings(config)
     name = str(config.path)
     path = Path(name).expanduser()
     if config.kind is DatasetKind.sharegpt:
@@ -95,20 +94,6 @@ def file_prompts(config: DatasetConfig, tokenizer: Any, count: int, api: Api) ->
             name, len(accepted), count,
         )
     return [accepted[i % len(accepted)] for i in range(count)] if accepted else []
-
-
-def _check_settings(config: DatasetConfig) -> None:
-    # NOTE: these cross-field checks belong in DatasetConfig.__post_init__ with the others.
-    if config.prefix_length:
-        raise ConfigError(
-            f"dataset.prefix_length applies only to dataset=random, got {config.prefix_length}; "
-            "pass dataset.prefix_length=0"
-        )
-    if config.use_reply_length and config.kind is not DatasetKind.sharegpt:
-        raise ConfigError(
-            f"dataset.use_reply_length applies only to dataset=sharegpt, got dataset={config.kind.value}; "
-            "pass dataset.use_reply_length=false, or set max_tokens per line in a jsonl file"
-        )
 
 
 # --- reading -------------------------------------------------------------------------------

@@ -60,31 +60,42 @@ def _first_line(text: Optional[str]) -> str:
     return lines[0] if lines else "unknown error"
 
 
-def _group_label(result: RunResult) -> str:
-    settings = ", ".join(f"{key}={value}" for key, value in result.folder.overrides.items())
-    label = f"job {result.folder.name}" + (f" ({settings})" if settings else "")
+def _truncate(label: str) -> str:
     return label if len(label) <= LABEL_LIMIT else label[: LABEL_LIMIT - 3] + "..."
 
 
 def sweep_curves(tables: SweepTables, results: list[RunResult], load: str) -> dict[str, pd.DataFrame]:
-    """Split the sweep's summary rows into one curve per model (or per job when no ``model`` override).
+    """Split the sweep's summary rows into lines, labelled by the overrides that tell them apart.
 
-    Several jobs of one model (one per SLA rule set, say) may measure the same load. Such
-    points are averaged, so each curve has one point per load value.
+    Every job gets its own line, with one exception: jobs that differ only in the override of
+    the plotted load (``load.parallel=1,2,4`` on a concurrency axis) are the points of one
+    line, unless two of them measured the same load value.
     """
     summary = tables.summary
-    model_column = tables.override_columns.get("model")
     if summary.empty:
         return {}
-    if model_column is None:
-        labels = {r.folder.name: _group_label(r) for r in results}
-        return {labels[str(job)]: frame for job, frame in summary.groupby("job", sort=False)}
-    curves = {}
-    for model, frame in summary.groupby(model_column, sort=False):
-        numeric = frame.select_dtypes("number")
-        if load in numeric.columns:
-            numeric = numeric.groupby(load, as_index=False, sort=True).mean()
-        curves[str(model) or "(default model)"] = numeric
+    varying, _ = varying_overrides(results, tables)
+    label_keys = [key for key in varying if key != f"load.{load}"]
+    groups: dict[tuple[str, ...], list[RunResult]] = {}
+    for result in results:
+        if result.summary is not None:
+            groups.setdefault(tuple(result.folder.overrides.get(k, "") for k in label_keys), []).append(result)
+
+    jobs = summary["job"].astype(str)
+    curves: dict[str, pd.DataFrame] = {}
+    for values, members in groups.items():
+        settings = ", ".join(f"{key}={value}" for key, value in zip(label_keys, values))
+        frames = [summary[jobs == member.folder.name] for member in members]
+        joined = pd.concat(frames, ignore_index=True)
+        loads = pd.to_numeric(joined[load], errors="coerce").dropna() if load in joined else pd.Series(dtype=float)
+        if len(members) > 1 and not loads.duplicated().any():
+            curves[_truncate(settings or "all jobs")] = joined
+            continue
+        for member, frame in zip(members, frames):
+            name = f"job {member.folder.name}"
+            label = _truncate(f"{name} ({settings})" if settings and len(members) > 1 else settings or name)
+            # Two labels cut to the same text would draw one line over the other.
+            curves[f"{label} [{name}]" if label in curves else label] = frame
     return curves
 
 
@@ -94,10 +105,8 @@ def plot_sweep(tables: SweepTables, results: list[RunResult], out_dir: Path) -> 
     curves = sweep_curves(tables, results, load)
     if not curves:
         return []
-    legend_title = tables.override_columns.get("model", "job")
     written = []
-    if plots.plot_tradeoff(curves, out_dir / "sweep_tps_vs_latency.png", load, annotate=False,
-                           legend_title=legend_title):
+    if plots.plot_tradeoff(curves, out_dir / "sweep_tps_vs_latency.png", load, annotate=False):
         written.append("sweep_tps_vs_latency.png")
     charts = [
         ("sweep_tps_vs_load.png", "tps", "Output throughput (tokens/s)"),
@@ -106,7 +115,7 @@ def plot_sweep(tables: SweepTables, results: list[RunResult], out_dir: Path) -> 
         ("sweep_p99_tpot_vs_load.png", "p99_tpot", "p99 TPOT (s)"),
     ]
     for name, metric, ylabel in charts:
-        if plots.plot_lines(curves, out_dir / name, load, metric, ylabel, SWEEP_PLOTS[name], legend_title):
+        if plots.plot_lines(curves, out_dir / name, load, metric, ylabel, SWEEP_PLOTS[name]):
             written.append(name)
     return [(out_dir / name, SWEEP_PLOTS[name]) for name in written]
 
