@@ -30,6 +30,7 @@ BENCHMARKS = {
                                                     "(~30 min)", False),
     "workers": Benchmark("bench.workers", "requests/s and TTFT error with 1 and 2 worker processes (~5 min)", False),
     "soak": Benchmark("bench.soak", "memory of a long steady run (RSS every 10 s; 30 min by default)", False),
+    "memory": Benchmark("bench.memory", "memory of a 100,000-request load point (RSS every 2 s; ~15 min)", False),
 }
 
 

@@ -32,6 +32,12 @@ class Sender(Protocol):
     async def send(self, prompt: Prompt, record: RequestRecord) -> None: ...
 
 
+class LagSamples(Protocol):
+    """Destination of event-loop lag samples: a list, or a store that spills them to disk."""
+
+    def append(self, value: float) -> None: ...
+
+
 @dataclass
 class LoadPlan:
     """One run of load: how many requests, and how they are paced."""
@@ -91,7 +97,7 @@ def arrival_offsets(plan: LoadPlan) -> list[float]:
     return offsets
 
 
-async def _watch_loop_lag(samples: list[float]) -> None:
+async def _watch_loop_lag(samples: LagSamples) -> None:
     while True:
         before = time.perf_counter()
         await asyncio.sleep(LAG_PROBE_PERIOD)
@@ -104,17 +110,19 @@ async def run_load(
     prompts: Sequence[Prompt],
     on_record: Callable[[RequestRecord], None],
     keep_records: bool = True,
+    lag_samples: Optional[LagSamples] = None,
 ) -> LoadOutcome:
     """Send ``plan.total`` requests (fewer if ``plan.duration`` runs out) and return their records.
 
     ``on_record`` runs in the event loop as each request ends; it must be quick. With
     ``keep_records=False`` the outcome's ``records`` stays empty, so a long run's memory
-    does not grow with every record (``on_record`` still receives each one).
+    does not grow with every record (``on_record`` still receives each one). Event-loop lag
+    samples go to ``lag_samples`` when it is given, else to the outcome's ``loop_lag``.
     """
     if not prompts:
         raise ValueError("run_load needs at least one prompt")
     outcome = LoadOutcome()
-    lag_task = asyncio.create_task(_watch_loop_lag(outcome.loop_lag))
+    lag_task = asyncio.create_task(_watch_loop_lag(outcome.loop_lag if lag_samples is None else lag_samples))
     outcome.started_at = time.perf_counter()
     deadline = outcome.started_at + plan.duration if plan.duration else None
 

@@ -3,6 +3,9 @@
 Each finished repeat also gets one line in ``probes.jsonl`` (value, repeat, number of
 requests, start and end), so ``python -m runner.resume`` can tell finished repeats from
 one cut by an interruption.
+
+The samples of each load point (``runner.samples``) spill to scratch files in the run
+folder's ``.samples`` folder, which ``remove_scratch`` deletes once the reports are written.
 """
 
 from __future__ import annotations
@@ -11,11 +14,10 @@ import asyncio
 import json
 import logging
 import math
-from array import array
+import shutil
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, TextIO
 
-import numpy as np
 import pandas as pd
 
 from runner.client.finalize import finalize
@@ -24,14 +26,33 @@ from runner.config import RunConfig, SearchVariable
 from runner.load import LoadPlan, run_load
 from runner.workers import ClientArgs, run_load_in_workers, workers_for
 from runner.manifest import now_iso
-from runner.metrics import summarize
 from runner.output import RequestsWriter, record_row
 from runner.preflight import FailureGuard
 from runner.samples import PointSamples
+from runner.spill import SpilledSeries, percentiles
 
 log = logging.getLogger(__name__)
 
 PROBES_FILE = "probes.jsonl"
+# Folder of the run folder that contains the load points' scratch files while the run lasts.
+SCRATCH_DIR = ".samples"
+
+
+def write_probe_line(handle: TextIO, line: dict[str, Any], loop_lag: SpilledSeries, lag_start: int) -> None:
+    """Write ``line`` as JSON with a last key ``loop_lag``: the lag samples from ``lag_start`` on.
+
+    The samples (seconds, rounded to the microsecond) let a resumed run judge
+    client-boundness as the interrupted one did. A long repeat has 100 of them a second, so
+    they are written one block at a time. The text equals ``json.dumps`` of the whole line.
+    """
+    handle.write(json.dumps(line)[:-1] + ', "loop_lag": [')
+    separator = ""
+    for block in loop_lag.blocks(lag_start):
+        text = json.dumps([round(sample, 6) for sample in block.tolist()])[1:-1]
+        if text:
+            handle.write(separator + text)
+            separator = ", "
+    handle.write("]}\n")
 
 
 class LoadPointProber:
@@ -52,6 +73,7 @@ class LoadPointProber:
         origin: float,
         probes_path: Optional[Path] = None,
         client_args: Optional[ClientArgs] = None,
+        scratch_dir: Optional[Path] = None,
     ) -> None:
         self.config = config
         self.client = client
@@ -63,9 +85,12 @@ class LoadPointProber:
         self.probes_path = probes_path
         # Settings from which worker processes build their own clients (load.workers > 1).
         self.client_args = client_args
+        # Without a scratch folder every sample stays in memory.
+        self.scratch_dir = scratch_dir
+        if scratch_dir is not None:
+            shutil.rmtree(scratch_dir, ignore_errors=True)  # left by a run that was killed
         self.samples: dict[float, PointSamples] = {}
         self.repeats: dict[float, int] = {}
-        self.loop_lag: dict[float, array] = {}
         self.next_id = 0
         self.guard = FailureGuard()
 
@@ -78,11 +103,26 @@ class LoadPointProber:
     def restore(self, value: float, repeats: int, rows: Iterable[Mapping[str, Any]], loop_lag: Iterable[float],
                 next_id: int) -> None:
         """Load repeats measured by an earlier, interrupted run of the same config."""
-        self.samples.setdefault(value, PointSamples()).extend(rows)
+        samples = self.point(value)
+        samples.extend(rows)
+        samples.loop_lag.extend(loop_lag)
+        samples.spill()
         self.repeats[value] = repeats
-        self.loop_lag.setdefault(value, array("d")).extend(loop_lag)
         self.next_id = max(self.next_id, next_id)
         self.guard.disarm()  # the earlier run already showed that the server responds
+
+    def point(self, value: float) -> PointSamples:
+        """Return the samples of ``value``, created empty on first use."""
+        samples = self.samples.get(value)
+        if samples is None:
+            directory = None if self.scratch_dir is None else self.scratch_dir / f"point-{len(self.samples)}"
+            samples = self.samples[value] = PointSamples(directory)
+        return samples
+
+    def remove_scratch(self) -> None:
+        """Delete the scratch files of every load point; summaries cannot be computed afterwards."""
+        if self.scratch_dir is not None:
+            shutil.rmtree(self.scratch_dir, ignore_errors=True)
 
     def plan_for(self, value: float, repeat: int) -> LoadPlan:
         load, search = self.config.load, self.config.search
@@ -109,7 +149,8 @@ class LoadPointProber:
         self.next_id += plan.total
         label = f"{self.variable} {value:g} run {repeat + 1}"
         task = self.progress.add_task(label, total=plan.total, status="")
-        samples = self.samples.setdefault(value, PointSamples())
+        samples = self.point(value)
+        lag_start = len(samples.loop_lag)
         started_at = now_iso()
         recorded = 0
 
@@ -131,7 +172,8 @@ class LoadPointProber:
             coroutine = run_load_in_workers(plan, workers, self.client_args, self.prompts, on_record,
                                             backend=self.config.load.backend, ray_address=self.config.load.ray_address)
         else:
-            coroutine = run_load(plan, self.client, self.prompts, on_record, keep_records=False)
+            coroutine = run_load(plan, self.client, self.prompts, on_record, keep_records=False,
+                                 lag_samples=samples.loop_lag)
         load = asyncio.create_task(coroutine)
         try:
             outcome = await load
@@ -142,30 +184,36 @@ class LoadPointProber:
             raise
         finally:
             self.writer.flush()
+            # Cached points keep nothing in memory between repeats.
+            samples.spill()
         self.guard.end_of_repeat()
-        self.loop_lag.setdefault(value, array("d")).extend(outcome.loop_lag)
+        samples.loop_lag.extend(outcome.loop_lag)  # filled by worker processes only
         self.repeats[value] = repeat + 1
         self.progress.remove_task(task)
-        self._write_probe_line(value, repeat, plan, recorded, started_at, outcome.loop_lag)
+        self._write_probe_line(value, repeat, plan, recorded, started_at, lag_start)
 
     def _write_probe_line(self, value: float, repeat: int, plan: LoadPlan, recorded: int, started_at: str,
-                          loop_lag: list[float]) -> None:
+                          lag_start: int) -> None:
         if self.probes_path is None:
             return
         line = {
             "variable": self.variable, "value": value, "repeat": repeat, "requests": recorded,
             "first_id": plan.first_id, "last_id": plan.first_id + plan.total - 1,
             "started_at": started_at, "ended_at": now_iso(),
-            # Event-loop lag samples in seconds, kept so a resumed run judges client-boundness alike.
-            "loop_lag": [round(sample, 6) for sample in loop_lag],
         }
         with self.probes_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line) + "\n")
+            write_probe_line(handle, line, self.samples[value].loop_lag, lag_start)
 
     async def ensure(self, value: float, runs: int) -> None:
         """Measure the missing repeats of ``value`` so that at least ``runs`` exist."""
         for repeat in range(self.repeats.get(value, 0), runs):
             await self.measure_repeat(value, repeat)
+
+    def _throughput_timing(self, value: float) -> dict[str, Any]:
+        """Return how throughput at ``value`` is timed: by slot (closed loop) or by arrivals."""
+        if self.variable == "parallel":
+            return {"parallel": value}
+        return {"open_loop": True}
 
     def summary_row(self, value: float, bounds: Optional[dict[str, float]] = None) -> dict[str, Any]:
         samples = self.samples.get(value) or PointSamples()
@@ -175,12 +223,8 @@ class LoadPointProber:
         else:
             row["rate"] = value
             row["parallel"] = self.config.search.rate_parallel_cap if self.config.sla else self.config.load.parallel
-        if self.variable == "parallel":
-            row |= summarize(samples.frame(), bounds, parallel=value)
-        else:
-            row |= summarize(samples.frame(), bounds, open_loop=True)
-        lag = np.asarray(self.loop_lag.get(value, array("d")), dtype=float)
-        row["loop_lag_p99"] = float(np.percentile(lag, 99)) if lag.size else math.nan
+        row |= samples.summarize(bounds, **self._throughput_timing(value))
+        row["loop_lag_p99"] = percentiles(samples.loop_lag, [99])[0]
         reasons = []
         limit = self.config.load.max_client_delay
         if self.variable == "rate" and row["lateness_p99"] > limit:
@@ -202,7 +246,7 @@ class LoadPointProber:
             metrics=row,
             client_bound=row["client_bound"],
             client_note=row["client_note"],
-            goodput=lambda bounds, value=value: self.summary_row(value, bounds)["goodput"],
+            goodput=lambda bounds, value=value: self.samples[value].goodput(bounds, **self._throughput_timing(value)),
         )
 
     def summary_frame(self, bounds: Optional[dict[str, float]] = None) -> pd.DataFrame:
