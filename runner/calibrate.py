@@ -158,7 +158,7 @@ async def calibrate(config: RunConfig, prompts: Sequence[Prompt], count_tokens: 
             server_stopping = time.perf_counter()
     except (OSError, RuntimeError, TimeoutError, RunnerError) as exc:
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        log.warning("client calibration failed (%s); the run goes on without a client ceiling", reason)
+        log.warning("client calibration failed: %s; the run goes on without a client ceiling", reason)
         return Calibration("failed", reason, details={"total_seconds": round(time.perf_counter() - started, 3)})
 
     details |= _server_details(server.report, server_stopping - server_started, load_started)
@@ -237,7 +237,7 @@ def measured_window(ends: np.ndarray, started_at: float, seconds: float, paralle
 
     ``ends`` are the sorted end times of the successful requests of a load that started at
     ``started_at`` and sent new requests for ``seconds``. The span ends when sending stopped,
-    because the requests still in flight then end with fewer and fewer in flight. It starts
+    because after that fewer and fewer requests are in flight. It starts
     once the ramp (the first RAMP_FRACTION of the time) is over and every slot has completed
     a request, so opening the connections is left out. When that leaves less than half the
     time (a client too slow to complete ``parallel`` requests early), the span is from the
