@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from paths import CONF_DIR
+from paths import CONF_DIR, REPO
 from runner import calibrate as calibration_module
 from runner.__main__ import to_run_config
 from runner.calibrate import (
@@ -146,6 +151,35 @@ async def test_null_server_answers_shape(url, stream, chunks):
     assert report["max_tokens"] == {"7": 1}
     assert report["first_body"]["stream"] is stream
     assert report["cpu_seconds"] >= 0
+
+
+async def test_null_server_stops_on_stdin_close():
+    server = NullServer(max_seconds=60)
+    await server.__aenter__()
+    process = server.process
+    assert process is not None and process.stdin is not None
+    # A parent that dies closes the pipe, and the child must then exit by itself.
+    process.stdin.close()
+    code = await asyncio.wait_for(process.wait(), 10)
+    await server.__aexit__(None, None, None)
+    assert code == 0
+    assert server.report is not None
+    assert server.report["requests"] == 0
+
+
+def test_null_server_stops_after_max_seconds():
+    # Standard input stays open (this test keeps the write end), so only the time limit can stop it.
+    read_end, write_end = os.pipe()
+    try:
+        done = subprocess.run([sys.executable, "-m", "runner.nullserver", "--max-seconds", "0.2"], cwd=REPO,
+                              stdin=read_end, capture_output=True, text=True, timeout=30)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("listening ")
+    assert json.loads(lines[1])["requests"] == 0
 
 
 # -- calibration against the null server -----------------------------------------------
