@@ -22,8 +22,10 @@ import asyncio
 import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -31,12 +33,14 @@ import numpy as np
 from runner.client.finalize import finalize
 from runner.client.openai import OpenAIClient
 from runner.client.record import Prompt, RequestRecord
+from runner.client.response import one_line
 from runner.config import RunConfig, SearchVariable
 from runner.errors import RunnerError
 from runner.gc_pause import setup_objects_frozen
-from runner.load import LoadPlan, run_load
+from runner.load import LoadOutcome, LoadPlan, run_load
 from runner.nullserver import NullServer
-from runner.output import record_row
+from runner.output import RequestsWriter, record_row
+from runner.samples import PointSamples
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +161,7 @@ async def calibrate(config: RunConfig, prompts: Sequence[Prompt], count_tokens: 
                                                            parallel, workers, client_args)
             server_stopping = time.perf_counter()
     except (OSError, RuntimeError, TimeoutError, RunnerError) as exc:
-        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        reason = one_line(f"{type(exc).__name__}: {exc}") if str(exc) else type(exc).__name__
         log.warning("client calibration failed: %s; the run goes on without a client ceiling", reason)
         return Calibration("failed", reason, details={"total_seconds": round(time.perf_counter() - started, 3)})
 
@@ -184,11 +188,16 @@ async def _measure(config: RunConfig, prompts: Sequence[Prompt], count_tokens: O
     ended: list[float] = []
     tokens: list[int] = []
     failures: list[str] = []
+    # The rows are kept and formatted like the run's, but written to the null device.
+    samples = PointSamples()
+    writer = RequestsWriter(Path(os.devnull))
 
     def on_record(record: RequestRecord) -> None:
-        # The same per-request work as the run's prober, minus the requests.csv write.
+        # The same per-request work as the run's prober.
         itl = finalize(record, count_tokens)
-        record_row(record, itl, origin=0.0, variable="calibration", value=parallel, repeat=0)
+        row = record_row(record, itl, origin=0.0, variable="calibration", value=parallel, repeat=0)
+        samples.add(row)
+        writer.add(row)
         if record.success and record.ended_at is not None:
             ended.append(record.ended_at)
             tokens.append(record.completion_tokens or 0)
@@ -197,19 +206,11 @@ async def _measure(config: RunConfig, prompts: Sequence[Prompt], count_tokens: O
 
     # The key itself is not needed by the null server, so it stays out of these requests.
     endpoint = dataclasses.replace(config.endpoint, api_key_env=None)
-    cpu_seconds: Optional[float] = None
-    if workers > 1:
-        from runner.workers import run_load_in_workers
-
-        args = dataclasses.replace(client_args, endpoint=endpoint, base_url=base_url, pool_size=parallel)
-        outcome = await run_load_in_workers(plan, workers, args, list(prompts), on_record)
-        # NOTE: the CPU time is spent in the worker processes, which this process does not see.
-    else:
-        async with OpenAIClient(endpoint, config.model, config.request, base_url=base_url,
-                                pool_size=parallel) as client:
-            cpu_before = time.process_time()
-            outcome = await run_load(plan, client, prompts, on_record, keep_records=False)
-            cpu_seconds = time.process_time() - cpu_before
+    try:
+        outcome, cpu_seconds = await _send(config, plan, endpoint, base_url, workers, client_args, prompts,
+                                           on_record)
+    finally:
+        writer.close()
 
     order = np.argsort(ended)
     ends = np.asarray(ended)[order]
@@ -232,16 +233,33 @@ async def _measure(config: RunConfig, prompts: Sequence[Prompt], count_tokens: O
     return details, outcome.started_at
 
 
+async def _send(config: RunConfig, plan: LoadPlan, endpoint: Any, base_url: str, workers: int, client_args: Any,
+                prompts: Sequence[Prompt], on_record: Callable[[RequestRecord], None],
+                ) -> tuple[LoadOutcome, Optional[float]]:
+    """Send ``plan`` as the run would; return the load outcome and this process's CPU seconds for it."""
+    if workers > 1:
+        from runner.workers import run_load_in_workers
+
+        args = dataclasses.replace(client_args, endpoint=endpoint, base_url=base_url, pool_size=plan.parallel)
+        # NOTE: the CPU time is spent in the worker processes, which this process does not see.
+        return await run_load_in_workers(plan, workers, args, list(prompts), on_record), None
+    async with OpenAIClient(endpoint, config.model, config.request, base_url=base_url,
+                            pool_size=plan.parallel) as client:
+        cpu_before = time.process_time()
+        outcome = await run_load(plan, client, prompts, on_record, keep_records=False)
+        return outcome, time.process_time() - cpu_before
+
+
 def measured_window(ends: np.ndarray, started_at: float, seconds: float, parallel: int) -> tuple[float, float]:
     """Return the (start, end] perf_counter span whose completions measure the ceiling.
 
     ``ends`` are the sorted end times of the successful requests of a load that started at
     ``started_at`` and sent new requests for ``seconds``. The span ends when sending stopped,
-    because after that fewer and fewer requests are in flight. It starts
-    once the ramp (the first RAMP_FRACTION of the time) is over and every slot has completed
-    a request, so opening the connections is left out. When that leaves less than half the
-    time (a client too slow to complete ``parallel`` requests early), the span is from the
-    first end to the last, which includes the ramp and so underestimates the ceiling.
+    because after that fewer and fewer requests are in flight. It starts once the ramp (the
+    first RAMP_FRACTION of the time) is over and every slot has completed a request, so
+    opening the connections is left out. When that leaves less than half the time (a client
+    too slow to complete ``parallel`` requests early), the span is from the first end to the
+    last, which includes the ramp and so underestimates the ceiling.
     """
     deadline = started_at + seconds
     first_wave = float(ends[parallel - 1]) if len(ends) >= parallel else math.inf
