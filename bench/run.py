@@ -28,6 +28,8 @@ BENCHMARKS = {
     "sla_capacity": Benchmark("bench.sla_capacity", "fine sweep that fixes the reference SLA capacity (~15 min)", False),
     "sla_vs_plain": Benchmark("bench.sla_vs_plain", "SLA tune against the plain doubling-and-bisection search "
                                                     "(~30 min)", False),
+    "calibration": Benchmark("bench.calibration", "self-calibrated client ceiling against the peer benchmark's "
+                                                  "ceiling, and the calibration's cost (~3 min)", False),
     "workers": Benchmark("bench.workers", "requests/s and TTFT error with 1 and 2 worker processes (~5 min)", False),
     "soak": Benchmark("bench.soak", "memory of a long steady run (RSS every 10 s; 30 min by default)", False),
     "memory": Benchmark("bench.memory", "memory of a 100,000-request load point (RSS every 2 s; ~15 min)", False),

@@ -53,6 +53,9 @@ class SearchVariable(Enum):
     rate = "rate"
 
 
+# Values of load.calibrate.
+CALIBRATE_MODES = ("auto", "true", "false")
+
 API_PATHS = {"/v1/chat/completions": Api.chat, "/v1/completions": Api.completions}
 
 
@@ -242,6 +245,17 @@ class LoadConfig:
     # Seconds: a load point whose p99 schedule lateness (open loop) or event-loop lag exceeds
     # this is marked client-bound, and the SLA search never takes it as the server's verdict.
     max_client_delay: float = 0.025
+    # Client self-calibration against a null server before the load (runner.calibrate):
+    # `auto` (SLA tunes, and plain runs of at least calibrate_min_requests requests), `true`
+    # or `false`.
+    calibrate: str = "auto"
+    # Seconds of closed-loop load sent to the null server during calibration.
+    calibrate_seconds: float = 1.0
+    # load.calibrate=auto: plain runs with at least this many requests (warmup included) calibrate.
+    calibrate_min_requests: int = 1000
+    # A load point whose request rate exceeds this fraction of the calibrated client ceiling
+    # is marked client-bound. Open loop compares the target rate, closed loop the measured rps.
+    max_ceiling_fraction: float = 0.8
     # Processes (or Ray actors) that send the load; null: automatic (1 for now).
     workers: Optional[int] = None
     # Where the workers run: `process` (this machine) or `ray` (Ray actors).
@@ -251,6 +265,25 @@ class LoadConfig:
 
     def __post_init__(self) -> None:
         _require(self.max_client_delay > 0, f"load.max_client_delay must be > 0 seconds, got {self.max_client_delay}")
+        # A string rather than an Enum, because Hydra turns `load.calibrate=true` into a boolean,
+        # which OmegaConf stores here as "True".
+        self.calibrate = str(self.calibrate).lower()
+        _require(
+            self.calibrate in CALIBRATE_MODES,
+            f"load.calibrate must be one of {', '.join(CALIBRATE_MODES)}, got {self.calibrate!r}",
+        )
+        _require(
+            self.calibrate_seconds > 0,
+            f"load.calibrate_seconds must be > 0 seconds, got {self.calibrate_seconds}",
+        )
+        _require(
+            self.calibrate_min_requests >= 1,
+            f"load.calibrate_min_requests must be >= 1, got {self.calibrate_min_requests}",
+        )
+        _require(
+            0 < self.max_ceiling_fraction <= 1,
+            f"load.max_ceiling_fraction must be in (0, 1], got {self.max_ceiling_fraction}",
+        )
         _require(
             self.workers is None or self.workers >= 1,
             f"load.workers must be >= 1 or null (automatic), got {self.workers}",
@@ -258,6 +291,11 @@ class LoadConfig:
         _require(
             self.ray_address is None or bool(self.ray_address.strip()),
             "load.ray_address must not be empty; pass a Ray address such as ray://host:10001, or null",
+        )
+        _require(
+            not (self.calibrate == "true" and self.uses_ray),
+            "load.calibrate=true cannot calibrate Ray actors, which may run on other nodes; "
+            "pass load.calibrate=auto or false with load.backend=ray",
         )
         _require(
             self.parallel is None or self.parallel >= 1,

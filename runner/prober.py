@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping, Optional, TextIO
 
 import pandas as pd
 
+from runner.calibrate import Ceiling, ceiling_note
 from runner.client.finalize import finalize
 from runner.client.openai import OpenAIClient
 from runner.config import RunConfig, SearchVariable
@@ -74,6 +75,7 @@ class LoadPointProber:
         probes_path: Optional[Path] = None,
         client_args: Optional[ClientArgs] = None,
         scratch_dir: Optional[Path] = None,
+        ceiling: Optional[Ceiling] = None,
     ) -> None:
         self.config = config
         self.client = client
@@ -89,6 +91,8 @@ class LoadPointProber:
         self.scratch_dir = scratch_dir
         if scratch_dir is not None:
             shutil.rmtree(scratch_dir, ignore_errors=True)  # left by a run that was killed
+        # The client's calibrated ceiling (runner.calibrate); None when it was not measured.
+        self.ceiling = ceiling
         self.samples: dict[float, PointSamples] = {}
         self.repeats: dict[float, int] = {}
         self.next_id = 0
@@ -231,6 +235,10 @@ class LoadPointProber:
             reasons.append(f"schedule lateness p99 {row['lateness_p99'] * 1000:.1f} ms")
         if row["loop_lag_p99"] > limit:
             reasons.append(f"event-loop lag p99 {row['loop_lag_p99'] * 1000:.1f} ms")
+        offered = value if self.variable == "rate" else row["rps"]
+        note = ceiling_note(self.ceiling, self.config.load.max_ceiling_fraction, offered)
+        if note:
+            reasons.append(note)
         row["client_bound"] = bool(reasons)
         row["client_note"] = "; ".join(reasons)
         return row

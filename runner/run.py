@@ -22,6 +22,7 @@ import pandas as pd
 from rich.console import Console
 
 from runner import console as views
+from runner.calibrate import calibrate
 from runner.client.openai import OpenAIClient
 from runner.config import EndpointKind, RunConfig, SearchVariable
 from runner.data import build_prompts, fingerprint
@@ -110,11 +111,14 @@ async def _measure(config: RunConfig, out_dir: Path, console: Console, result: d
                 result["preflight"] = {"error": str(exc)}
                 raise
             result["server_models"] = await client.fetch_models()
+            client_args = ClientArgs(config.endpoint, config.model, config.request, base_url, pool_size)
+            # After the preflight, so a wrong URL fails before the calibration's few seconds.
+            calibration = await calibrate(config, prompts, count_tokens, client_args)
+            result["calibration"] = calibration.to_manifest()
             with setup_objects_frozen(), views.make_progress(console, config.progress) as progress:
-                client_args = ClientArgs(config.endpoint, config.model, config.request, base_url, pool_size)
                 prober = LoadPointProber(config, client, prompts, writer, count_tokens, progress, time.perf_counter(),
                                          probes_path=out_dir / PROBES_FILE, client_args=client_args,
-                                         scratch_dir=out_dir / SCRATCH_DIR)
+                                         scratch_dir=out_dir / SCRATCH_DIR, ceiling=calibration.ceiling)
                 if resumed is not None:
                     for value, (repeats, rows, lag) in resumed.points.items():
                         prober.restore(value, repeats, rows, lag, resumed.next_id)
@@ -207,6 +211,7 @@ def _finish(config: RunConfig, result: dict[str, Any], out_dir: Path, console: C
             "dataset": {"kind": config.dataset.kind.value, "seed": config.dataset.seed,
                         "prompts": result.get("prompt_count"), "fingerprint": result.get("fingerprint"),
                         "file": "prompts.jsonl"},
+            "calibration": result.get("calibration"),
             "requests_written": result["prober"].writer.rows_written if "prober" in result else 0,
         })
 

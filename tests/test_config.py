@@ -65,8 +65,8 @@ def test_wrong_type_names_key():
     assert "load.parallel" in str(raised.value)
 
 
-LOAD_KEYS = ("arrival, backend, burstiness, duration, max_client_delay, number, parallel, rate, ray_address, seed, "
-             "warmup, workers")
+LOAD_KEYS = ("arrival, backend, burstiness, calibrate, calibrate_min_requests, calibrate_seconds, duration, "
+             "max_ceiling_fraction, max_client_delay, number, parallel, rate, ray_address, seed, warmup, workers")
 
 
 @pytest.mark.parametrize(

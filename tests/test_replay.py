@@ -274,8 +274,9 @@ def test_overrides_applied_to_archive(tmp_path):
      "read_timeout, request_timeout, sim_seed, url)"),
     (["load.parallel=1,2"], "error: load.parallel=1,2: a sweep cannot be applied to one run; pass a single value"),
     (["load.paralel=2"], "error: load.paralel=2: unknown key load.paralel; did you mean load.parallel? valid keys "
-                         "of load: arrival, backend, burstiness, duration, max_client_delay, number, parallel, rate, "
-                         "ray_address, seed, warmup, workers"),
+                         "of load: arrival, backend, burstiness, calibrate, calibrate_min_requests, calibrate_seconds, "
+                         "duration, max_ceiling_fraction, max_client_delay, number, parallel, rate, ray_address, seed, "
+                         "warmup, workers"),
     (["load.parallel=0"], "error: load.parallel must be >= 1 (or null in open loop), got 0"),
     (['sla.rules=[{p99_ttft:"<=1"}]'],
      "error: sla.rules=[{p99_ttft:\"<=1\"}]: sla is null in this config; set it as a whole, for example "

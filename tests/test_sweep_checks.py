@@ -11,8 +11,8 @@ import pytest
 
 from paths import REPO
 
-LOAD_KEYS = "arrival, backend, burstiness, duration, max_client_delay, number, parallel, rate, ray_address, seed, " \
-            "warmup, workers"
+LOAD_KEYS = "arrival, backend, burstiness, calibrate, calibrate_min_requests, calibrate_seconds, duration, " \
+            "max_ceiling_fraction, max_client_delay, number, parallel, rate, ray_address, seed, warmup, workers"
 
 
 def run_sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
