@@ -32,6 +32,7 @@ from runner.output import RequestsWriter, record_row
 from runner.preflight import FailureGuard
 from runner.samples import PointSamples
 from runner.spill import SpilledSeries, percentiles
+from runner.tokenizer import WorkerTokenCounter, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class LoadPointProber:
         self.repeats: dict[float, int] = {}
         self.next_id = 0
         self.guard = FailureGuard()
+        self._worker_counter: Optional[WorkerTokenCounter] = None
 
     @property
     def variable(self) -> str:
@@ -193,10 +195,8 @@ class LoadPointProber:
 
         workers = workers_for(self.config.load, plan)
         if self.client_args is not None and (workers > 1 or self.config.load.uses_ray):
-            # Workers count output tokens with the same tokenizer as this process.
-            tokenizer = self.config.model.tokenizer if self.count_tokens is not None else None
             coroutine = run_load_in_workers(plan, workers, self.client_args, self.prompts, on_record,
-                                            keep_records=False, tokenizer=tokenizer,
+                                            keep_records=False, tokenizer=self._worker_tokenizer(),
                                             backend=self.config.load.backend, ray_address=self.config.load.ray_address)
         else:
             coroutine = run_load(plan, self.client, self.prompts, on_record, keep_records=False,
@@ -223,6 +223,15 @@ class LoadPointProber:
                      "CPU %s %% of a core", self.variable, value, repeat + 1, row["worker"], row["requests"],
                      _ms(row["lateness_p50"]), _ms(row["lateness_p99"]), _ms(row["loop_lag_p99"]), row["cpu_percent"])
         self._write_probe_line(value, repeat, plan, recorded, started_at, lag_start, worker_rows)
+
+    def _worker_tokenizer(self) -> Optional[WorkerTokenCounter]:
+        """Return the tokenizer that workers count output tokens with, the same as this process's."""
+        if self.count_tokens is None:
+            return None
+        if self._worker_counter is None:
+            spec = self.config.model.tokenizer
+            self._worker_counter = WorkerTokenCounter(load_tokenizer(spec), spec)
+        return self._worker_counter
 
     def _write_probe_line(self, value: float, repeat: int, plan: LoadPlan, recorded: int, started_at: str,
                           lag_start: int, worker_rows: list[dict[str, Any]]) -> None:

@@ -39,6 +39,7 @@ from runner.config import EndpointConfig, LoadBackend, LoadConfig, ModelConfig, 
 from runner.errors import RunnerError
 from runner.load import SCHEDULE_LEAD, LoadOutcome, LoadPlan, Sender, Share, WorkerStats, run_load
 from runner.record_batch import RecordBatch
+from runner.tokenizer import WorkerTokenCounter
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,9 @@ class WorkerTask:
     share: Share
     client: ClientArgs
     prompts: list[Prompt]
-    # Tokenizer (model.tokenizer) the worker counts output tokens with; None counts nothing,
-    # as finalize() does without a counter.
-    tokenizer: Optional[str] = None
+    # Tokenizer the worker counts output tokens with; None counts nothing, as finalize() does
+    # without a counter.
+    tokenizer: Optional[WorkerTokenCounter] = None
 
 
 def auto_workers(plan: LoadPlan) -> int:
@@ -111,13 +112,9 @@ def split_plan(plan: LoadPlan, workers: int) -> list[Share]:
     return [Share(worker, count) for worker in range(count)]
 
 
-def token_counter_for(tokenizer: Optional[str]) -> Optional[TokenCounter]:
-    """Load the tokenizer named ``tokenizer`` in this process and return its counter (None for None)."""
-    if tokenizer is None:
-        return None
-    from runner.tokenizer import load_tokenizer, token_counter  # imports transformers, about a second
-
-    return token_counter(load_tokenizer(tokenizer))
+def token_counter_for(tokenizer: Optional[WorkerTokenCounter]) -> Optional[TokenCounter]:
+    """Build ``tokenizer``'s counter in this process (None for None)."""
+    return None if tokenizer is None else tokenizer.build()
 
 
 class RecordBatcher:
@@ -329,15 +326,15 @@ async def run_load_in_workers(
     on_record: Callable[[RequestRecord], None],
     *,
     keep_records: bool = True,
-    tokenizer: Optional[str] = None,
+    tokenizer: Optional[WorkerTokenCounter] = None,
     backend: LoadBackend = LoadBackend.process,
     ray_address: Optional[str] = None,
 ) -> LoadOutcome:
     """Send ``plan`` from ``workers`` processes (or Ray actors) and return the merged outcome.
 
     Same contract as ``run_load``, except that each record reaches ``on_record`` final:
-    finalize() has run in its worker, with a counter of ``tokenizer`` (model.tokenizer) when
-    one is given, and the record carries no chunk times or texts, only its ``itl``. In
+    finalize() has run in its worker, with the counter that ``tokenizer`` builds when one is
+    given, and the record carries no chunk times or texts, only its ``itl``. In
     addition ``LoadOutcome.workers`` has each worker's lag, lateness and CPU. A worker that
     exits before finishing raises RunnerError naming it and its exit code, after every record
     that arrived was passed to ``on_record``. Cancelling the call stops all workers within

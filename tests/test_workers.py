@@ -20,7 +20,7 @@ from runner.metrics import summarize
 from runner.output import record_row
 from runner.record_batch import FIELDS, RecordBatch
 from runner.testing.scripted import Reply, ScriptedServerProcess, token_timeline
-from runner.tokenizer import token_counter
+from runner.tokenizer import WorkerTokenCounter, token_counter
 from runner.workers import (
     ClientArgs,
     auto_workers,
@@ -146,6 +146,28 @@ def test_record_batch_rejects_unfinished_record():
         RecordBatch().add(RequestRecord(request_id=3))
 
 
+# Text with special tokens, digits, CJK, an emoji and mixed whitespace.
+TOKENIZER_TEXTS = ["", " hi" * 64, "<|im_start|>user\nHello<|im_end|>", "x = 3.14159 # 中文 😀\r\n\t end",
+                   "<|endoftext|><think>plan</think>" * 3]
+
+
+def test_worker_counter_counts_like_parent(qwen_tokenizer):
+    count = token_counter(qwen_tokenizer)
+    shipped = pickle.loads(pickle.dumps(WorkerTokenCounter(qwen_tokenizer, "qwen2.5")))
+    assert shipped.backend_json is not None
+    worker_count = shipped.build()
+    assert [worker_count(text) for text in TOKENIZER_TEXTS] == [count(text) for text in TOKENIZER_TEXTS]
+    assert count(TOKENIZER_TEXTS[1]) == 64
+
+
+def test_worker_counter_without_backend_loads_by_name(qwen_tokenizer):
+    # A tokenizer without a Rust backend is loaded again in the worker from its name.
+    shipped = pickle.loads(pickle.dumps(WorkerTokenCounter(object(), "qwen2.5")))
+    assert shipped.backend_json is None
+    count = token_counter(qwen_tokenizer)
+    assert [shipped.build()(text) for text in TOKENIZER_TEXTS] == [count(text) for text in TOKENIZER_TEXTS]
+
+
 def test_finalize_twice_keeps_first_result():
     record = final_record(1, None)
     record.token_source = ""
@@ -264,7 +286,7 @@ async def test_workers_count_tokens_like_one_process(qwen_tokenizer):
                                     pool_size=4) as client:
                 single = await run_load(plan, client, PROMPTS, lambda r: finalize(r, count))
             multi = await run_load_in_workers(plan, 2, client_args(server.base_url, 4), PROMPTS, lambda r: None,
-                                              tokenizer="qwen2.5")
+                                              tokenizer=WorkerTokenCounter(qwen_tokenizer, "qwen2.5"))
         columns = ("completion_tokens", "token_source", "tokenizer_tokens")
         expected = {tuple(getattr(r, c) for c in columns) for r in single.records if not r.cooldown}
         got = {tuple(getattr(r, c) for c in columns) for r in multi.records if not r.cooldown}
