@@ -50,6 +50,7 @@ from runner.client.finalize import finalize
 from runner.client.openai import OpenAIClient
 from runner.client.record import Prompt
 from runner.config import EndpointConfig, ModelConfig, RequestConfig
+from runner.gc_pause import setup_objects_frozen
 from runner.load import LoadOutcome, LoadPlan, run_load
 from runner.metrics import summarize
 from runner.output import RequestsWriter, record_row
@@ -103,12 +104,14 @@ async def send_load(plan: LoadPlan, mode: int, base_url: str, max_tokens: int,
             rows.append(row)
             writer.add(row)
 
-        if mode == 0:
-            async with OpenAIClient(endpoint, model, request, base_url=base_url, pool_size=pool_size) as client:
-                outcome = await run_load(plan, client, [PROMPT], on_record)
-        else:
-            args = ClientArgs(endpoint, model, request, base_url, pool_size)
-            outcome = await run_load_in_workers(plan, mode, args, [PROMPT], on_record)
+        # As `python -m runner` does, with the set-up objects out of the garbage collector's way.
+        with setup_objects_frozen():
+            if mode == 0:
+                async with OpenAIClient(endpoint, model, request, base_url=base_url, pool_size=pool_size) as client:
+                    outcome = await run_load(plan, client, [PROMPT], on_record)
+            else:
+                args = ClientArgs(endpoint, model, request, base_url, pool_size)
+                outcome = await run_load_in_workers(plan, mode, args, [PROMPT], on_record)
     return outcome, rows
 
 

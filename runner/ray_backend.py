@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 from runner.client.record import RequestRecord
 from runner.errors import ConfigError, RunnerError
+from runner.gc_pause import setup_objects_frozen
 from runner.load import SCHEDULE_LEAD, LoadOutcome, WorkerStats
 from runner.record_batch import RecordBatch
 from runner.workers import (
@@ -95,7 +96,8 @@ class LoadActor:
         self._load = asyncio.create_task(run_share(self.task, self._client, start_at, self._all_measured,
                                                    self._batcher))
         try:
-            return await self._load
+            with setup_objects_frozen():
+                return await self._load
         finally:
             await self._client.__aexit__(None, None, None)
             self._finished = True

@@ -37,6 +37,7 @@ from runner.client.openai import OpenAIClient
 from runner.client.record import Prompt, RequestRecord
 from runner.config import EndpointConfig, LoadBackend, LoadConfig, ModelConfig, RequestConfig
 from runner.errors import RunnerError
+from runner.gc_pause import setup_objects_frozen
 from runner.load import SCHEDULE_LEAD, LoadOutcome, LoadPlan, Sender, Share, WorkerStats, run_load
 from runner.record_batch import RecordBatch
 from runner.tokenizer import WorkerTokenCounter
@@ -259,22 +260,25 @@ async def _serve_share(task: WorkerTask, control: Connection, outbox: queue.Simp
     threading.Thread(target=read_control, daemon=True).start()
     batcher = RecordBatcher(lambda batch: outbox.put(("records", batch)), token_counter_for(task.tokenizer),
                             task.share.measured(task.plan))
+    # As in the parent, the set-up objects (imports, the tokenizer, the prompts) are frozen, so
+    # that no garbage collection walks them during the load and stalls every stream.
     async with task.client.build() as client:
-        outbox.put(("ready",))
-        waiter = asyncio.create_task(stopped.wait())
-        await asyncio.wait([start, waiter], return_when=asyncio.FIRST_COMPLETED)
-        if stopped.is_set():
-            return
-        flusher = asyncio.create_task(batcher.flush_periodically())
-        load = asyncio.create_task(run_share(task, client, start.result(), all_measured, batcher))
-        await asyncio.wait([load, waiter], return_when=asyncio.FIRST_COMPLETED)
-        flusher.cancel()
-        if not load.done():
-            load.cancel()  # stopped by the parent: in-flight requests are dropped
-            await asyncio.wait([load])
-            return
-        waiter.cancel()
-        stats = load.result()
+        with setup_objects_frozen():
+            outbox.put(("ready",))
+            waiter = asyncio.create_task(stopped.wait())
+            await asyncio.wait([start, waiter], return_when=asyncio.FIRST_COMPLETED)
+            if stopped.is_set():
+                return
+            flusher = asyncio.create_task(batcher.flush_periodically())
+            load = asyncio.create_task(run_share(task, client, start.result(), all_measured, batcher))
+            await asyncio.wait([load, waiter], return_when=asyncio.FIRST_COMPLETED)
+            flusher.cancel()
+            if not load.done():
+                load.cancel()  # stopped by the parent: in-flight requests are dropped
+                await asyncio.wait([load])
+                return
+            waiter.cancel()
+            stats = load.result()
     outbox.put(("done", stats))
 
 
