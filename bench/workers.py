@@ -160,6 +160,10 @@ async def run_case(test: str, plan: LoadPlan, mode: int, work: Path, server_args
         "rps": float(summary["rps"]),
         "parent_cpu_pct": 100 * own / duration,
         "workers_cpu_s": children,
+        # CPU per request (warmup and cooldown included) while the load ran, in microseconds.
+        "worker_cpu_us_per_request": 1e6 * sum(w.cpu_seconds for w in outcome.workers) / len(rows)
+        if outcome.workers else np.nan,
+        "parent_cpu_us_per_request": 1e6 * own / len(rows),
         **_worker_columns(outcome),
         "server_cpu_pct": 100 * server_cpu / duration,
         "server_cpu_us_per_request": 1e6 * server_cpu / max(len(served.arrival), 1),
@@ -195,12 +199,16 @@ async def bench(modes: list[int], rounds: int, requests: int, work: Path) -> pd.
 
 
 def ratios(table: pd.DataFrame) -> pd.DataFrame:
-    """Return, per round, the throughput test's rps of each mode divided by that of workers=1."""
+    """Return the throughput test's rps of each mode divided by that of workers=1: per round,
+    of the medians, and of the best rounds (the least disturbed by other work on the machine)."""
     throughput = table[table["test"].str.startswith("throughput")]
     wide = throughput.pivot(index="round", columns="mode", values="rps")
     if "workers=1" not in wide:
         return pd.DataFrame()
-    return wide.div(wide["workers=1"], axis=0)
+    by_round = wide.div(wide["workers=1"], axis=0)
+    by_round.loc["median"] = wide.median() / wide["workers=1"].median()
+    by_round.loc["best"] = wide.max() / wide["workers=1"].max()
+    return by_round
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,9 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
         by_round = ratios(table)
         if not by_round.empty:
-            print("\nthroughput rps relative to workers=1, per round:")
+            print("\nthroughput rps relative to workers=1 (per round, of the medians, of the best rounds):")
             print(by_round.to_string(float_format=lambda v: f"{v:.2f}"))
-            print("median:", by_round.median().to_string(float_format=lambda v: f"{v:.2f}").replace("\n", "; "))
     return 0
 
 
