@@ -181,7 +181,7 @@ def test_finalize_twice_keeps_first_result():
 
 
 def test_auto_workers_rule():
-    # Workers are opt-in until they beat one process (see runner.workers.auto_workers).
+    # Workers are opt-in (see runner.workers.auto_workers for why).
     assert auto_workers(LoadPlan(parallel=128, rate=None, number=10)) == 1
     assert auto_workers(LoadPlan(parallel=1000, rate=None, number=10)) == 1
     assert auto_workers(LoadPlan(parallel=None, rate=1000.0, number=10)) == 1
