@@ -23,7 +23,9 @@ cores it saw last and the 1-minute load average. It also records the CPU over th
 window (from the load call to its return, worker start-up included): this process, its
 worker processes (reaped children, os.times), the server (/proc/PID/stat) and the rest of
 the machine (/proc/stat busy time minus those). CPU percentages are of one core over the
-load's own duration (common start to end), which leaves out the workers' start-up.
+load's own duration (common start to end), which leaves out the workers' start-up. Before
+each test of a round, ``spin_2_vs_1`` records how much more work two processes spinning in a
+Python loop do than one: the ceiling of any two-worker ratio at that moment.
 
 ``--profile DIR`` writes cProfile statistics of this process and of every worker to DIR.
 """
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import multiprocessing
 import os
 import tempfile
 import time
@@ -63,6 +66,8 @@ TIMING_PARALLEL, TIMING_REQUESTS = 128, 512
 PROMPT = Prompt(text="benchmark prompt", prompt_tokens=16)
 # Seconds to wait before each case for the machine's busy CPU to fall below 0.3 cores.
 IDLE_WAIT = 10.0
+# Seconds of each spin (one process, then two) that checks how two processes scale.
+SPIN_SECONDS = 1.0
 
 
 def _profiled_worker_main(task: Any, control: Any, data: Any) -> None:
@@ -78,6 +83,36 @@ def _profiled_worker_main(task: Any, control: Any, data: Any) -> None:
 
 
 _WORKER_MAIN = runner.workers._worker_main
+
+
+def _spin(seconds: float, results: Any) -> None:
+    """Count loop iterations for ``seconds`` and put (iterations, CPU seconds) on ``results``."""
+    count, cpu = 0, time.process_time()
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(10_000):
+            count += 1
+    results.put((count, time.process_time() - cpu))
+
+
+def spin_scaling(seconds: float = SPIN_SECONDS) -> float:
+    """Spin one process, then two, for ``seconds`` each; return the work of two divided by one.
+
+    While other jobs run, or when the host gives the two vCPUs less than two cores' worth,
+    two processes do less than twice the work of one. That roughly bounds the ratio two
+    CPU-bound load workers can reach at that moment.
+    """
+    context = multiprocessing.get_context("spawn")
+    totals = []
+    for count in (1, 2):
+        results = context.Queue()
+        processes = [context.Process(target=_spin, args=(seconds, results)) for _ in range(count)]
+        for process in processes:
+            process.start()
+        totals.append(sum(results.get()[0] for _ in processes))
+        for process in processes:
+            process.join()
+    return totals[1] / totals[0]
 
 
 def _children_cpu_seconds() -> float:
@@ -190,9 +225,10 @@ async def bench(modes: list[int], rounds: int, requests: int, work: Path) -> pd.
     for round_number in range(rounds):
         order = modes[round_number % len(modes):] + modes[:round_number % len(modes)]
         for test, plan, server_args, max_tokens in cases:
+            scaling = await asyncio.to_thread(spin_scaling)
             for mode in order:
                 row = await run_case(test, plan, mode, work, server_args, max_tokens)
-                results.append({"round": round_number + 1, **row})
+                results.append({"round": round_number + 1, **row, "spin_2_vs_1": scaling})
                 print(f"round {round_number + 1} {test} {row['mode']}: {row['rps']:.0f} req/s, "
                       f"others {row['others_pct']:.0f} %, load {row['load_before']:.2f}", flush=True)
     return pd.DataFrame(results)
