@@ -91,10 +91,11 @@ def auto_workers(plan: LoadPlan) -> int:
     """Return the worker count for load.workers=null, which is 1 for now.
 
     NOTE: two workers beat one on a 2-core machine only when no other work uses the cores.
-    bench/workers.py estimates 1.8 times the requests/s of one worker on an idle machine from
-    the CPU per request. While other jobs shared the machine, two workers reached 1.6 times
-    at best and less than one worker in most rounds (docs/benchmarks.md). Each repeat also
-    spawns the workers again. So workers are used only when load.workers is set above 1.
+    From the CPU per request, bench/workers.py estimates 1.7 times the requests/s of one
+    worker on an idle machine, and its best cases reached 1.6 to 1.7 times. Whenever other
+    jobs took half the machine, two workers sent fewer requests/s than one
+    (docs/benchmarks.md). Each repeat also spawns the workers again. So workers are used
+    only when load.workers is set above 1.
     """
     del plan
     return 1
@@ -123,10 +124,10 @@ def token_counter_for(tokenizer: Optional[WorkerTokenCounter]) -> Optional[Token
 class RecordBatcher:
     """Finalizes a worker's records as they end and hands them on in ``RecordBatch``es.
 
-    A batch goes out when it contains BATCH_RECORDS records, on every ``flush`` (the process
-    worker calls it each BATCH_SECONDS), and at once after the share's last measured
-    request, so that the parent learns without delay that this worker's measured requests
-    are done. Finalizing here keeps the tokenizer's work in the workers.
+    A batch goes out when it contains BATCH_RECORDS records and on every ``flush`` (the
+    process worker calls it each BATCH_SECONDS). It also goes out at once after the share's
+    last measured request, so that the parent learns without delay that this worker's
+    measured requests are done. Finalizing here keeps the tokenizer's work in the workers.
     """
 
     def __init__(self, send: Callable[[RecordBatch], None], count_tokens: Optional[TokenCounter],
