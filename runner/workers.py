@@ -91,11 +91,11 @@ def auto_workers(plan: LoadPlan) -> int:
     """Return the worker count for load.workers=null, which is 1 for now.
 
     NOTE: two workers beat one on a 2-core machine only when no other work uses the cores.
-    From the CPU per request, bench/workers.py estimates 1.7 times the requests/s of one
-    worker on an idle machine, and its best cases reached 1.6 to 1.7 times. Whenever other
-    jobs took half the machine, two workers sent fewer requests/s than one
-    (docs/benchmarks.md). Each repeat also spawns the workers again. So workers are used
-    only when load.workers is set above 1.
+    With other processes at 12 % or less, bench/workers.py measured 1.56 to 1.70 times the
+    requests/s of one worker. Whenever other jobs took half the machine, two workers sent
+    fewer requests/s than one (docs/benchmarks.md). Each repeat also spawns the workers
+    again, and the simulated server shares the machine. So workers are used only when
+    load.workers is set above 1.
     """
     del plan
     return 1
