@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import resource
 import signal
@@ -74,12 +75,20 @@ _STREAM_HEAD = (
 )
 
 
+# Cached because the JSON encoding was most of the server's own Python work per request.
+@functools.lru_cache(maxsize=1024)
 def _usage_event(prompt_tokens: int, completion_tokens: int) -> bytes:
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
              "total_tokens": prompt_tokens + completion_tokens}
     chunk = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0, "model": "bench",
              "choices": [], "usage": usage}
     return _chunk(json.dumps(chunk, separators=(",", ":")).encode())
+
+
+@functools.lru_cache(maxsize=1024)
+def _whole_stream(connection: bytes, tokens: int, tail: bytes) -> bytes:
+    """Return a complete zero-gap streamed response, built once per distinct request shape."""
+    return b"".join((_STREAM_HEAD, connection, _ROLE, _TOKEN * tokens, tail))
 
 
 def _prompt_tokens(body: dict[str, Any]) -> int:
@@ -198,7 +207,7 @@ class StreamProtocol(asyncio.Protocol):
             transport.write(_plain_response("200 OK", json.dumps(message).encode()))
             self._record(arrival, tokens)
         elif self.gap <= 0:
-            transport.write(b"".join((_STREAM_HEAD, connection, _ROLE, _TOKEN * tokens, tail)))
+            transport.write(_whole_stream(connection, tokens, tail))
             self._record(arrival, tokens)
         else:
             self.busy = asyncio.get_running_loop().create_task(self._paced(arrival, tokens, connection, tail))

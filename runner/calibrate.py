@@ -208,7 +208,7 @@ async def _measure(config: RunConfig, prompts: Sequence[Prompt], count_tokens: O
     endpoint = dataclasses.replace(config.endpoint, api_key_env=None)
     try:
         outcome, cpu_seconds = await _send(config, plan, endpoint, base_url, workers, client_args, prompts,
-                                           on_record)
+                                           on_record, count_tokens is not None)
     finally:
         writer.close()
 
@@ -234,15 +234,21 @@ async def _measure(config: RunConfig, prompts: Sequence[Prompt], count_tokens: O
 
 
 async def _send(config: RunConfig, plan: LoadPlan, endpoint: Any, base_url: str, workers: int, client_args: Any,
-                prompts: Sequence[Prompt], on_record: Callable[[RequestRecord], None],
+                prompts: Sequence[Prompt], on_record: Callable[[RequestRecord], None], count_tokens: bool,
                 ) -> tuple[LoadOutcome, Optional[float]]:
     """Send ``plan`` as the run would; return the load outcome and this process's CPU seconds for it."""
     if workers > 1:
+        from runner.tokenizer import WorkerTokenCounter, load_tokenizer
         from runner.workers import run_load_in_workers
 
         args = dataclasses.replace(client_args, endpoint=endpoint, base_url=base_url, pool_size=plan.parallel)
+        # As in the run, the workers count output tokens, with the tokenizer this process uses.
+        spec = config.model.tokenizer
+        tokenizer = WorkerTokenCounter(load_tokenizer(spec), spec) if count_tokens else None
         # NOTE: the CPU time is spent in the worker processes, which this process does not see.
-        return await run_load_in_workers(plan, workers, args, list(prompts), on_record), None
+        outcome = await run_load_in_workers(plan, workers, args, list(prompts), on_record, keep_records=False,
+                                            tokenizer=tokenizer)
+        return outcome, None
     async with OpenAIClient(endpoint, config.model, config.request, base_url=base_url,
                             pool_size=plan.parallel) as client:
         cpu_before = time.process_time()

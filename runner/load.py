@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Optional, Protocol, Sequence
+from typing import Awaitable, Callable, Iterator, Optional, Protocol, Sequence
 
 from runner.client.record import Prompt, RequestRecord
 from runner.config import Arrival
@@ -63,6 +63,73 @@ class LoadPlan:
         return self.warmup + self.number
 
 
+@dataclass(frozen=True)
+class Share:
+    """The requests of a plan that one event loop sends: all of them, or worker ``worker``'s part.
+
+    Closed loop: concurrency slot ``s`` belongs to worker ``s % workers``, and request ``i``
+    (warmup, measured or cooldown) is sent by the worker that owns slot ``i % plan.parallel``,
+    so each worker's share of requests is in proportion to its slots. Open loop: request ``i``
+    is sent by worker ``i % workers`` at its time in the plan's one arrival schedule, and a
+    ``plan.parallel`` cap is split between the workers.
+    """
+
+    worker: int = 0
+    workers: int = 1
+
+    def owns(self, plan: LoadPlan, index: int) -> bool:
+        if plan.rate is None:
+            assert plan.parallel is not None
+            return index % plan.parallel % self.workers == self.worker
+        return index % self.workers == self.worker
+
+    def slots(self, plan: LoadPlan) -> Optional[int]:
+        """Return the closed loop's requests in flight, or the open loop's cap (None = no cap)."""
+        if plan.rate is None:
+            assert plan.parallel is not None
+            # A plan of fewer requests than slots leaves the extra slots unused.
+            used = min(plan.parallel, max(plan.total, 1))
+            return len(range(self.worker, used, self.workers))
+        if plan.parallel is None:
+            return None
+        return plan.parallel // self.workers + (self.worker < plan.parallel % self.workers)
+
+    def measured(self, plan: LoadPlan) -> int:
+        """Return how many measured requests (neither warmup nor cooldown) this share sends."""
+        if self.workers == 1:
+            return plan.number
+        return sum(1 for index in range(plan.warmup, plan.total) if self.owns(plan, index))
+
+    def closed_indexes(self, plan: LoadPlan) -> Iterator[int]:
+        """Yield this share's request indexes without end; those past ``plan.total`` are cooldown."""
+        return (index for index in itertools.count() if self.owns(plan, index))
+
+    def schedule(self, plan: LoadPlan) -> list[tuple[int, float]]:
+        """Return (request index, seconds after the schedule starts) of this share's open-loop sends."""
+        offsets = arrival_offsets(plan)
+        return [(index, offsets[index]) for index in range(self.worker, plan.total, self.workers)]
+
+
+WHOLE_PLAN = Share()
+
+
+@dataclass
+class WorkerStats:
+    """Statistics that one load worker reports when its share ends."""
+
+    # Event-loop lag samples in seconds.
+    loop_lag: list[float] = field(default_factory=list)
+    # Client delay of each measured request in seconds: dispatched_at (else sent_at) minus scheduled_at.
+    lateness: list[float] = field(default_factory=list)
+    # Records the worker sent: warmup, measured and cooldown.
+    requests: int = 0
+    # CPU seconds (user + system, all threads) the worker's process used while it sent its share.
+    cpu_seconds: float = 0.0
+    # Wall seconds from the common start to the end of the worker's share.
+    wall_seconds: float = 0.0
+    cut_by_duration: bool = False
+
+
 @dataclass
 class LoadOutcome:
     records: list[RequestRecord] = field(default_factory=list)
@@ -72,9 +139,9 @@ class LoadOutcome:
     ended_at: float = 0.0
     # True when load.duration stopped the run before every request was sent.
     cut_by_duration: bool = False
-    # Multi-worker runs only (runner.workers): each worker's own lag samples, in worker order;
-    # `loop_lag` then contains all of them together. Empty for a single-process run.
-    worker_loop_lag: list[list[float]] = field(default_factory=list)
+    # Runs with worker processes or Ray actors only (runner.workers): each worker's stats, in
+    # worker order; `loop_lag` then contains the lag samples of all of them. Empty otherwise.
+    workers: list[WorkerStats] = field(default_factory=list)
 
 
 def arrival_offsets(plan: LoadPlan) -> list[float]:
@@ -111,6 +178,10 @@ async def run_load(
     on_record: Callable[[RequestRecord], None],
     keep_records: bool = True,
     lag_samples: Optional[LagSamples] = None,
+    *,
+    share: Share = WHOLE_PLAN,
+    start_at: Optional[float] = None,
+    all_measured: Optional[asyncio.Event] = None,
 ) -> LoadOutcome:
     """Send ``plan.total`` requests (fewer if ``plan.duration`` runs out) and return their records.
 
@@ -118,17 +189,29 @@ async def run_load(
     ``keep_records=False`` the outcome's ``records`` stays empty, so a long run's memory
     does not grow with every record (``on_record`` still receives each one). Event-loop lag
     samples go to ``lag_samples`` when it is given, else to the outcome's ``loop_lag``.
+
+    A load worker (runner.workers) passes its ``share`` of the plan, the common ``start_at``
+    (a perf_counter time, which is also where its open-loop schedule starts) and the
+    ``all_measured`` event, which its parent sets once the measured requests of every worker
+    have ended. Until then the worker's closed loop keeps its slots busy with cooldown requests.
     """
     if not prompts:
         raise ValueError("run_load needs at least one prompt")
     outcome = LoadOutcome()
     lag_task = asyncio.create_task(_watch_loop_lag(outcome.loop_lag if lag_samples is None else lag_samples))
-    outcome.started_at = time.perf_counter()
+    if start_at is not None:
+        delay = start_at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        outcome.started_at = schedule_start = start_at
+    else:
+        outcome.started_at = time.perf_counter()
+        schedule_start = outcome.started_at + SCHEDULE_LEAD
     deadline = outcome.started_at + plan.duration if plan.duration else None
 
-    measured_left = plan.number
-    measured_done = asyncio.Event()
-    if measured_left == 0:
+    measured_left = share.measured(plan)
+    measured_done = all_measured if all_measured is not None else asyncio.Event()
+    if measured_left == 0 and all_measured is None:
         measured_done.set()
 
     def finish(record: RequestRecord) -> None:
@@ -138,7 +221,7 @@ async def run_load(
         on_record(record)
         if not (record.warmup or record.cooldown):
             measured_left -= 1
-            if measured_left == 0:
+            if measured_left == 0 and all_measured is None:
                 measured_done.set()
 
     async def one(index: int, scheduled_at: float) -> None:
@@ -158,9 +241,9 @@ async def run_load(
 
     try:
         if plan.rate is None:
-            await _closed_loop(plan, one, deadline, outcome, measured_done)
+            await _closed_loop(plan, share, one, deadline, outcome, measured_done)
         else:
-            await _open_loop(plan, one, deadline, outcome)
+            await _open_loop(plan, share, one, schedule_start, deadline, outcome)
     finally:
         lag_task.cancel()
         outcome.ended_at = time.perf_counter()
@@ -169,18 +252,19 @@ async def run_load(
 
 async def _closed_loop(
     plan: LoadPlan,
+    share: Share,
     one: Callable[[int, float], Awaitable[None]],
     deadline: Optional[float],
     outcome: LoadOutcome,
     measured_done: asyncio.Event,
 ) -> None:
-    """Keep ``plan.parallel`` requests in flight until the last measured request has ended.
+    """Keep the share's slots busy until the last measured request has ended.
 
     Without cooldown requests the last wave would run with fewer and fewer requests in
     flight. Its measured requests would then see a lighter load than the rest, and the
     measured window would end in a stretch of lower throughput.
     """
-    indexes = itertools.count()
+    indexes = share.closed_indexes(plan)
 
     async def worker() -> None:
         for index in indexes:
@@ -191,7 +275,6 @@ async def _closed_loop(
                 return
             await one(index, time.perf_counter())
 
-    assert plan.parallel is not None
     workers: list[asyncio.Task[None]] = []
 
     async def stop_when_measured() -> None:
@@ -203,18 +286,21 @@ async def _closed_loop(
     watcher = asyncio.create_task(stop_when_measured())
     try:
         async with asyncio.TaskGroup() as group:
-            workers.extend(group.create_task(worker()) for _ in range(min(plan.parallel, max(plan.total, 1))))
+            workers.extend(group.create_task(worker()) for _ in range(share.slots(plan) or 0))
     finally:
         watcher.cancel()
 
 
 async def _open_loop(
     plan: LoadPlan,
+    share: Share,
     one: Callable[[int, float], Awaitable[None]],
+    start: float,
     deadline: Optional[float],
     outcome: LoadOutcome,
 ) -> None:
-    slots = asyncio.Semaphore(plan.parallel) if plan.parallel else None
+    cap = share.slots(plan)
+    slots = asyncio.Semaphore(cap) if cap else None
 
     async def capped(index: int, scheduled_at: float) -> None:
         try:
@@ -223,9 +309,8 @@ async def _open_loop(
             if slots is not None:
                 slots.release()
 
-    start = time.perf_counter() + SCHEDULE_LEAD
     async with asyncio.TaskGroup() as group:
-        for index, offset in zip(itertools.count(), arrival_offsets(plan)):
+        for index, offset in share.schedule(plan):
             scheduled_at = start + offset
             if deadline is not None and scheduled_at >= deadline:
                 outcome.cut_by_duration = True

@@ -18,19 +18,21 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, TextIO
 
+import numpy as np
 import pandas as pd
 
 from runner.calibrate import Ceiling, ceiling_note
 from runner.client.finalize import finalize
 from runner.client.openai import OpenAIClient
 from runner.config import RunConfig, SearchVariable
-from runner.load import LoadPlan, run_load
+from runner.load import LoadPlan, WorkerStats, run_load
 from runner.workers import ClientArgs, run_load_in_workers, workers_for
 from runner.manifest import now_iso
 from runner.output import RequestsWriter, record_row
 from runner.preflight import FailureGuard
 from runner.samples import PointSamples
 from runner.spill import SpilledSeries, percentiles
+from runner.tokenizer import WorkerTokenCounter, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,25 @@ def write_probe_line(handle: TextIO, line: dict[str, Any], loop_lag: SpilledSeri
             handle.write(separator + text)
             separator = ", "
     handle.write("]}\n")
+
+
+def worker_row(worker: int, stats: WorkerStats) -> dict[str, Any]:
+    """Summarize one load worker's repeat: lateness and lag in seconds, CPU in percent of one core."""
+
+    def percentile(samples: list[float], q: float) -> Optional[float]:
+        return round(float(np.percentile(samples, q)), 6) if len(samples) else None
+
+    cpu = 100 * stats.cpu_seconds / stats.wall_seconds if stats.wall_seconds > 0 else None
+    return {
+        "worker": worker, "requests": stats.requests,
+        "lateness_p50": percentile(stats.lateness, 50), "lateness_p99": percentile(stats.lateness, 99),
+        "loop_lag_p99": percentile(stats.loop_lag, 99),
+        "cpu_percent": None if cpu is None else round(cpu, 1),
+    }
+
+
+def _ms(seconds: Optional[float]) -> str:
+    return "n/a" if seconds is None else f"{1000 * seconds:.2f} ms"
 
 
 class LoadPointProber:
@@ -97,6 +118,7 @@ class LoadPointProber:
         self.repeats: dict[float, int] = {}
         self.next_id = 0
         self.guard = FailureGuard()
+        self._worker_counter: Optional[WorkerTokenCounter] = None
 
     @property
     def variable(self) -> str:
@@ -174,6 +196,7 @@ class LoadPointProber:
         workers = workers_for(self.config.load, plan)
         if self.client_args is not None and (workers > 1 or self.config.load.uses_ray):
             coroutine = run_load_in_workers(plan, workers, self.client_args, self.prompts, on_record,
+                                            keep_records=False, tokenizer=self._worker_tokenizer(),
                                             backend=self.config.load.backend, ray_address=self.config.load.ray_address)
         else:
             coroutine = run_load(plan, self.client, self.prompts, on_record, keep_records=False,
@@ -194,10 +217,24 @@ class LoadPointProber:
         samples.loop_lag.extend(outcome.loop_lag)  # filled by worker processes only
         self.repeats[value] = repeat + 1
         self.progress.remove_task(task)
-        self._write_probe_line(value, repeat, plan, recorded, started_at, lag_start)
+        worker_rows = [worker_row(number, stats) for number, stats in enumerate(outcome.workers)]
+        for row in worker_rows:
+            log.info("%s %g run %d, load worker %d: %d requests, lateness p50 %s, p99 %s, event-loop lag p99 %s, "
+                     "CPU %s %% of a core", self.variable, value, repeat + 1, row["worker"], row["requests"],
+                     _ms(row["lateness_p50"]), _ms(row["lateness_p99"]), _ms(row["loop_lag_p99"]), row["cpu_percent"])
+        self._write_probe_line(value, repeat, plan, recorded, started_at, lag_start, worker_rows)
+
+    def _worker_tokenizer(self) -> Optional[WorkerTokenCounter]:
+        """Return the tokenizer that workers count output tokens with, the same as this process's."""
+        if self.count_tokens is None:
+            return None
+        if self._worker_counter is None:
+            spec = self.config.model.tokenizer
+            self._worker_counter = WorkerTokenCounter(load_tokenizer(spec), spec)
+        return self._worker_counter
 
     def _write_probe_line(self, value: float, repeat: int, plan: LoadPlan, recorded: int, started_at: str,
-                          lag_start: int) -> None:
+                          lag_start: int, worker_rows: list[dict[str, Any]]) -> None:
         if self.probes_path is None:
             return
         line = {
@@ -205,6 +242,8 @@ class LoadPointProber:
             "first_id": plan.first_id, "last_id": plan.first_id + plan.total - 1,
             "started_at": started_at, "ended_at": now_iso(),
         }
+        if worker_rows:
+            line["workers"] = worker_rows
         with self.probes_path.open("a", encoding="utf-8") as handle:
             write_probe_line(handle, line, self.samples[value].loop_lag, lag_start)
 

@@ -2,7 +2,8 @@
 
 Each actor runs ``runner.workers.run_share`` for one share of the plan in its own event
 loop. The parent collects records by calling the actor's ``take`` method in a loop, which
-returns a batch of at most about BATCH_RECORDS records every BATCH_SECONDS.
+returns the actor's record batches (``runner.record_batch``) at least every BATCH_SECONDS,
+and calls every actor's ``measured`` method once the plan's last measured request has ended.
 
 Clocks: ``perf_counter`` of an actor on another machine has an unrelated origin. Before
 the load starts, the parent measures each actor's clock offset from CLOCK_SAMPLES round
@@ -20,21 +21,24 @@ only here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from runner.client.record import RequestRecord
 from runner.errors import ConfigError, RunnerError
-from runner.load import SCHEDULE_LEAD, LoadOutcome, LoadPlan
+from runner.gc_pause import setup_objects_frozen
+from runner.load import SCHEDULE_LEAD, LoadOutcome, WorkerStats
+from runner.record_batch import RecordBatch
 from runner.workers import (
-    BATCH_RECORDS,
     BATCH_SECONDS,
     READY_TIMEOUT,
+    RecordBatcher,
     WorkerFleet,
-    WorkerResult,
     WorkerTask,
     run_share,
+    token_counter_for,
 )
 
 log = logging.getLogger(__name__)
@@ -69,53 +73,60 @@ class LoadActor:
     def __init__(self, task: WorkerTask) -> None:
         self.task = task
         self._client: Any = None
-        self._pending: list[RequestRecord] = []
+        self._batcher: Optional[RecordBatcher] = None
+        self._pending: list[RecordBatch] = []
         self._arrived = asyncio.Event()
+        self._all_measured = asyncio.Event()
         self._finished = False
-        self._load: Optional[asyncio.Task[bool]] = None
+        self._load: Optional[asyncio.Task[WorkerStats]] = None
 
     async def clock(self) -> float:
         return time.perf_counter()
 
     async def open(self) -> None:
+        self._batcher = RecordBatcher(self._add, token_counter_for(self.task.tokenizer),
+                                      self.task.share.measured(self.task.plan))
         client = self.task.client.build()
         await client.__aenter__()
         self._client = client
 
-    async def run(self, start_at: float) -> WorkerResult:
-        """Send the share from ``start_at`` (this actor's perf_counter clock) and return the result."""
-        result = WorkerResult()
-        self._load = asyncio.create_task(run_share(self.task, self._client, start_at, self._add, result.loop_lag))
+    async def run(self, start_at: float) -> WorkerStats:
+        """Send the share from ``start_at`` (this actor's perf_counter clock) and return its stats."""
+        assert self._batcher is not None, "LoadActor.run called before open"
+        self._load = asyncio.create_task(run_share(self.task, self._client, start_at, self._all_measured,
+                                                   self._batcher))
         try:
-            result.cut_by_duration = await self._load
+            with setup_objects_frozen():
+                return await self._load
         finally:
             await self._client.__aexit__(None, None, None)
             self._finished = True
             self._arrived.set()
-        return result
 
-    async def take(self) -> tuple[list[RequestRecord], bool]:
-        """Wait up to BATCH_SECONDS for a full batch; return the records and whether the run ended."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + BATCH_SECONDS
-        while len(self._pending) < BATCH_RECORDS and not self._finished:
+    async def measured(self) -> None:
+        """Stop the cooldown requests: the parent has received every measured record of the plan."""
+        self._all_measured.set()
+
+    async def take(self) -> tuple[list[RecordBatch], bool]:
+        """Wait up to BATCH_SECONDS for a batch; return the batches and whether the run ended."""
+        if not self._pending and not self._finished:
             self._arrived.clear()
-            try:
-                async with asyncio.timeout_at(deadline):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(BATCH_SECONDS):
                     await self._arrived.wait()
-            except TimeoutError:
-                break
-        batch, self._pending = self._pending, []
-        return batch, self._finished
+        finished = self._finished
+        if self._batcher is not None:
+            self._batcher.flush()
+        batches, self._pending = self._pending, []
+        return batches, finished
 
     async def stop(self) -> None:
         if self._load is not None:
             self._load.cancel()
 
-    def _add(self, record: RequestRecord) -> None:
-        self._pending.append(record)
-        if len(self._pending) >= BATCH_RECORDS:
-            self._arrived.set()
+    def _add(self, batch: RecordBatch) -> None:
+        self._pending.append(batch)
+        self._arrived.set()
 
 
 def shift_record(record: RequestRecord, delta: float) -> None:
@@ -141,14 +152,8 @@ async def measure_clock_offset(actor: Any) -> tuple[float, float]:
     return best
 
 
-async def run_tasks_on_ray(
-    tasks: list[WorkerTask],
-    plan: LoadPlan,
-    on_record: Callable[[RequestRecord], None],
-    *,
-    address: Optional[str] = None,
-) -> LoadOutcome:
-    """Run each task in a Ray actor and merge the results like ``runner.workers.run_load_in_workers``.
+async def run_tasks_on_ray(tasks: list[WorkerTask], fleet: WorkerFleet, *, address: Optional[str] = None) -> LoadOutcome:
+    """Run each task in a Ray actor and merge the results into ``fleet``, as the process backend does.
 
     Joins the Ray cluster at ``address``, or starts a local Ray instance when it is None and
     Ray is not initialized yet. Ray stays initialized afterwards, so later repeats start faster.
@@ -160,7 +165,6 @@ async def run_tasks_on_ray(
     # SPREAD places the actors on as many nodes as the cluster has.
     remote_class = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(LoadActor)
     actors = [remote_class.remote(task) for task in tasks]
-    fleet = WorkerFleet(plan, len(tasks), on_record)
     try:
         await _drive_actors(ray, actors, fleet)
     finally:
@@ -194,10 +198,13 @@ async def _drive_actors(ray: Any, actors: list[Any], fleet: WorkerFleet) -> None
         try:
             finished = False
             while not finished:
-                batch, finished = await actor.take.remote()
-                for record in batch:
-                    shift_record(record, -offset)
-                fleet.take_records(worker, batch)
+                batches, finished = await actor.take.remote()
+                for batch in batches:
+                    records = list(batch.records())
+                    for record in records:
+                        shift_record(record, -offset)
+                    if fleet.take_records(worker, records):
+                        await asyncio.gather(*(other.measured.remote() for other in actors))
             fleet.finish(worker, await runs[worker])
         except ray.exceptions.RayError as exc:
             raise RunnerError(

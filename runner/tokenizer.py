@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from runner.errors import DataError
 
@@ -57,3 +57,37 @@ def token_counter(tokenizer: Any):
         return len(tokenizer.encode(text, add_special_tokens=False))
 
     return count
+
+
+class WorkerTokenCounter:
+    """Picklable recipe for the counter of ``token_counter``, for load worker processes.
+
+    A fast tokenizer travels as the JSON of its Rust backend and is rebuilt with the
+    ``tokenizers`` package alone, which skips importing transformers in every worker.
+    Truncation and padding are turned off, and special tokens are split only when the
+    tokenizer's ``split_special_tokens`` is set. These are the settings under which
+    transformers 5.25's ``encode(text, add_special_tokens=False)`` calls that backend. Any
+    other tokenizer is loaded again from ``spec``.
+    """
+
+    def __init__(self, tokenizer: Any, spec: str) -> None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.backend_json = backend.to_str() if backend is not None else None
+        self.split_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+        self.spec = spec
+
+    def build(self) -> Callable[[str], int]:
+        """Return a function that counts the tokens of a text, special tokens excluded."""
+        if self.backend_json is None:
+            return token_counter(load_tokenizer(self.spec))
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(self.backend_json)
+        backend.no_truncation()
+        backend.no_padding()
+        backend.encode_special_tokens = self.split_special_tokens
+
+        def count(text: str) -> int:
+            return len(backend.encode(text, add_special_tokens=False).ids)
+
+        return count

@@ -1,26 +1,25 @@
 """Load from several worker processes, for loads that one event loop cannot drive.
 
 ``run_load_in_workers`` has the contract of ``runner.load.run_load``: the same request ids,
-warmup flags and record fields, with ``on_record`` called in the caller's event loop. Each
-worker is a spawned process with its own event loop and its own ``OpenAIClient``:
+warmup and cooldown flags and record fields, with ``on_record`` called in the caller's event
+loop. Each worker is a spawned process with its own event loop and its own ``OpenAIClient``,
+and it runs ``run_load`` itself on its ``Share`` of the plan, so pacing, cooldown, lateness
+and loop lag are measured by the same code as in one process.
 
-- closed loop: slot ``s`` of ``plan.parallel`` belongs to worker ``s % N``, and request
-  ``i`` goes to the worker of slot ``i % parallel``, so each worker's share of requests is
-  proportional to its share of the concurrency;
-- open loop: one global schedule (``arrival_offsets``) is computed here, and request ``i``
-  goes to worker ``i % N`` with its send time from that schedule, so the combined arrivals
-  follow the configured process.
-
-Every worker reports ready after its client is open. The parent then picks one start
-time, a ``time.perf_counter()`` value. All workers can use it as it is, because
-CLOCK_MONOTONIC is system-wide on Linux. Workers send finished records back in batches, and only the parent
-calls ``on_record``, so requests.csv has one writer. ``runner.ray_backend`` runs the same
-worker code as Ray actors.
+Every worker reports ready after its client (and its tokenizer, when one is given) is open.
+The parent then picks one start time, a ``time.perf_counter()`` value. All workers can use
+it as it is, because CLOCK_MONOTONIC is system-wide on Linux. Each worker finalizes its
+records (token counts and ITL samples) and sends them to the parent in compact batches
+(``runner.record_batch``), so the parent only merges them: it calls ``on_record``, and so
+writes requests.csv, alone. In a closed loop the parent sends every worker a message when
+the last measured request of the whole plan has ended, and the workers stop their cooldown
+requests then, as one process does. ``runner.ray_backend`` runs the same worker code as Ray actors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -29,15 +28,19 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, Awaitable, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional
 
+from runner.client.finalize import TokenCounter, finalize
 from runner.client.openai import OpenAIClient
 from runner.client.record import Prompt, RequestRecord
 from runner.config import EndpointConfig, LoadBackend, LoadConfig, ModelConfig, RequestConfig
 from runner.errors import RunnerError
-from runner.load import SCHEDULE_LEAD, LoadOutcome, LoadPlan, Sender, _watch_loop_lag, arrival_offsets
+from runner.gc_pause import setup_objects_frozen
+from runner.load import SCHEDULE_LEAD, LoadOutcome, LoadPlan, Sender, Share, WorkerStats, run_load
+from runner.record_batch import RecordBatch
+from runner.tokenizer import WorkerTokenCounter
 
 log = logging.getLogger(__name__)
 
@@ -72,42 +75,27 @@ class ClientArgs:
 
 
 @dataclass
-class WorkerShare:
-    """The part of a plan one worker sends."""
-
-    worker: int
-    # Global request indexes (0 .. plan.total - 1) this worker sends, ascending.
-    indexes: list[int]
-    # Closed loop: this worker's slots. Open loop: its share of the in-flight cap (None = no cap).
-    parallel: Optional[int]
-    # Open loop: send time of each index, in seconds after the common start; None in closed loop.
-    offsets: Optional[list[float]] = None
-
-
-@dataclass
 class WorkerTask:
     """Everything a worker needs; pickled once when the worker starts."""
 
     plan: LoadPlan
-    share: WorkerShare
+    share: Share
     client: ClientArgs
     prompts: list[Prompt]
-
-
-@dataclass
-class WorkerResult:
-    """Result of one worker's share: its lag samples and whether load.duration cut it."""
-
-    loop_lag: list[float] = field(default_factory=list)
-    cut_by_duration: bool = False
+    # Tokenizer the worker counts output tokens with; None counts nothing, as finalize() does
+    # without a counter.
+    tokenizer: Optional[WorkerTokenCounter] = None
 
 
 def auto_workers(plan: LoadPlan) -> int:
     """Return the worker count for load.workers=null, which is 1 for now.
 
-    NOTE: on a 2-core machine (bench/workers.py) two worker processes delivered fewer
-    requests/s than one in-process loop, so workers are used only when load.workers is set
-    above 1.
+    NOTE: two workers beat one on a 2-core machine only when no other work uses the cores.
+    With other processes at 12 % or less, bench/workers.py measured 1.56 to 1.70 times the
+    requests/s of one worker. Whenever other jobs took half the machine, two workers sent
+    fewer requests/s than one (docs/benchmarks.md). Each repeat also spawns the workers
+    again, and the simulated server shares the machine. So workers are used only when
+    load.workers is set above 1.
     """
     del plan
     return 1
@@ -118,138 +106,83 @@ def workers_for(load: LoadConfig, plan: LoadPlan) -> int:
     return load.workers if load.workers is not None else auto_workers(plan)
 
 
-def split_plan(plan: LoadPlan, workers: int) -> list[WorkerShare]:
+def split_plan(plan: LoadPlan, workers: int) -> list[Share]:
     """Split ``plan`` into at most ``workers`` shares; never more than there are requests or slots."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     count = min(workers, max(plan.total, 1))
-    if plan.rate is None:
-        assert plan.parallel is not None
-        count = min(count, plan.parallel)
-        slots = [plan.parallel // count + (k < plan.parallel % count) for k in range(count)]
-        indexes: list[list[int]] = [[] for _ in range(count)]
-        for index in range(plan.total):
-            indexes[(index % plan.parallel) % count].append(index)
-        return [WorkerShare(k, indexes[k], slots[k]) for k in range(count)]
-
     if plan.parallel is not None:
         count = min(count, plan.parallel)
-    offsets = arrival_offsets(plan)
-    shares = []
-    for k in range(count):
-        cap = None if plan.parallel is None else plan.parallel // count + (k < plan.parallel % count)
-        mine = list(range(k, plan.total, count))
-        shares.append(WorkerShare(k, mine, cap, [offsets[i] for i in mine]))
-    return shares
+    return [Share(worker, count) for worker in range(count)]
 
 
-async def run_share(
-    task: WorkerTask,
-    sender: Sender,
-    start_at: float,
-    emit: Callable[[RequestRecord], None],
-    loop_lag: list[float],
-) -> bool:
-    """Send one worker's share from the perf_counter time ``start_at``; return True if cut by duration.
-
-    ``emit`` gets every finished record. A request cancelled in flight gets no record, as in
-    ``run_load``.
-    """
-    plan, share = task.plan, task.share
-    prompts = task.prompts
-    lag_task = asyncio.create_task(_watch_loop_lag(loop_lag))
-    deadline = start_at + plan.duration if plan.duration else None
-    cut = False
-
-    async def one(index: int, scheduled_at: float) -> None:
-        record = RequestRecord(request_id=plan.first_id + index, warmup=index < plan.warmup,
-                               scheduled_at=scheduled_at)
-        await sender.send(prompts[index % len(prompts)], record)
-        emit(record)
-
-    try:
-        delay = start_at - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if share.offsets is None:
-            cut = await _closed_share(share, one, deadline)
-        else:
-            cut = await _open_share(share, start_at, one, deadline)
-    finally:
-        lag_task.cancel()
-    return cut
-
-
-async def _closed_share(share: WorkerShare, one: Callable[[int, float], Awaitable[None]],
-                        deadline: Optional[float]) -> bool:
-    # NOTE: worker processes send no cooldown requests, so with load.workers > 1 the last
-    # wave of a closed-loop run still runs below full concurrency (see runner.load).
-    indexes = iter(share.indexes)
-    cut = False
-
-    async def slot() -> None:
-        nonlocal cut
-        for index in indexes:
-            if deadline is not None and time.perf_counter() >= deadline:
-                cut = True
-                return
-            await one(index, time.perf_counter())
-
-    assert share.parallel is not None
-    async with asyncio.TaskGroup() as group:
-        for _ in range(min(share.parallel, len(share.indexes))):
-            group.create_task(slot())
-    return cut
-
-
-async def _open_share(share: WorkerShare, start_at: float, one: Callable[[int, float], Awaitable[None]],
-                      deadline: Optional[float]) -> bool:
-    slots = asyncio.Semaphore(share.parallel) if share.parallel else None
-
-    async def capped(index: int, scheduled_at: float) -> None:
-        try:
-            await one(index, scheduled_at)
-        finally:
-            if slots is not None:
-                slots.release()
-
-    assert share.offsets is not None
-    async with asyncio.TaskGroup() as group:
-        for index, offset in zip(share.indexes, share.offsets):
-            scheduled_at = start_at + offset
-            if deadline is not None and scheduled_at >= deadline:
-                return True
-            delay = scheduled_at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if slots is not None:
-                # A full cap delays the send; the record's sent_at - scheduled_at shows it.
-                await slots.acquire()
-            group.create_task(capped(index, scheduled_at))
-    return False
+def token_counter_for(tokenizer: Optional[WorkerTokenCounter]) -> Optional[TokenCounter]:
+    """Build ``tokenizer``'s counter in this process (None for None)."""
+    return None if tokenizer is None else tokenizer.build()
 
 
 class RecordBatcher:
-    """Collects finished records and hands them on in batches of BATCH_RECORDS or every BATCH_SECONDS."""
+    """Finalizes a worker's records as they end and hands them on in ``RecordBatch``es.
 
-    def __init__(self, flush: Callable[[list[RequestRecord]], None]) -> None:
-        self._flush = flush
-        self._pending: list[RequestRecord] = []
+    A batch goes out when it contains BATCH_RECORDS records and on every ``flush`` (the
+    process worker calls it each BATCH_SECONDS). It also goes out at once after the share's
+    last measured request, so that the parent learns without delay that this worker's
+    measured requests are done. Finalizing here keeps the tokenizer's work in the workers.
+    """
+
+    def __init__(self, send: Callable[[RecordBatch], None], count_tokens: Optional[TokenCounter],
+                 measured: int) -> None:
+        self._send = send
+        self._count_tokens = count_tokens
+        self._batch = RecordBatch()
+        self._measured_left = measured
+        self.requests = 0
+        self.lateness: list[float] = []
 
     def add(self, record: RequestRecord) -> None:
-        self._pending.append(record)
-        if len(self._pending) >= BATCH_RECORDS:
+        finalize(record, self._count_tokens)
+        self._batch.add(record)
+        self.requests += 1
+        if not (record.warmup or record.cooldown):
+            # The same client delay as summary.csv's lateness columns.
+            handed = record.dispatched_at if record.dispatched_at is not None else record.sent_at
+            if handed is not None and record.scheduled_at is not None:
+                self.lateness.append(handed - record.scheduled_at)
+            self._measured_left -= 1
+            if self._measured_left == 0:
+                self.flush()
+                return
+        if len(self._batch) >= BATCH_RECORDS:
             self.flush()
 
     def flush(self) -> None:
-        if self._pending:
-            batch, self._pending = self._pending, []
-            self._flush(batch)
+        if len(self._batch):
+            batch, self._batch = self._batch, RecordBatch()
+            self._send(batch)
 
     async def flush_periodically(self) -> None:
         while True:
             await asyncio.sleep(BATCH_SECONDS)
             self.flush()
+
+
+async def run_share(task: WorkerTask, sender: Sender, start_at: float, all_measured: asyncio.Event,
+                    batcher: RecordBatcher) -> WorkerStats:
+    """Send one worker's share from the perf_counter time ``start_at`` and return its stats.
+
+    ``all_measured`` is set by the parent once every measured request of the plan has
+    ended. Every finished record goes to ``batcher``; a request cancelled in flight gets a
+    record only when it is a cooldown request, as in ``run_load``.
+    """
+    if task.plan.number == 0:
+        all_measured.set()
+    cpu_before = time.process_time()
+    outcome = await run_load(task.plan, sender, task.prompts, batcher.add, keep_records=False, share=task.share,
+                             start_at=start_at, all_measured=all_measured)
+    batcher.flush()
+    return WorkerStats(loop_lag=outcome.loop_lag, lateness=batcher.lateness, requests=batcher.requests,
+                       cpu_seconds=time.process_time() - cpu_before,
+                       wall_seconds=outcome.ended_at - outcome.started_at, cut_by_duration=outcome.cut_by_duration)
 
 
 def run_event_loop(coroutine: Any) -> Any:
@@ -262,9 +195,10 @@ def run_event_loop(coroutine: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Worker process side. Messages to the parent: ("ready",), ("records", list), ("done",
-# WorkerResult), ("error", exception). Messages from the parent: ("start", perf_counter time)
-# and ("stop",); end of file on the control pipe also means stop.
+# Worker process side. Messages to the parent: ("ready",), ("records", RecordBatch), ("done",
+# WorkerStats), ("error", exception). Messages from the parent: ("start", perf_counter time),
+# ("measured",) once every measured request of the plan has ended, and ("stop",). End of file
+# on the control pipe also means stop.
 
 
 def _worker_main(task: WorkerTask, control: Connection, data: Connection) -> None:
@@ -303,44 +237,52 @@ async def _serve_share(task: WorkerTask, control: Connection, outbox: queue.Simp
     loop = asyncio.get_running_loop()
     start: asyncio.Future[float] = loop.create_future()
     stopped = asyncio.Event()
+    all_measured = asyncio.Event()
 
     def on_control(message: Any) -> None:
         if message[0] == "start" and not start.done():
             start.set_result(message[1])
+        elif message[0] == "measured":
+            all_measured.set()
         elif message[0] == "stop":
             stopped.set()
 
     def read_control() -> None:
+        # call_soon_threadsafe raises RuntimeError once the event loop has closed, which
+        # happens when the share is over before the parent's stop message arrives.
         try:
-            while True:
-                message = control.recv()
+            while (message := control.recv())[0] != "stop":
                 loop.call_soon_threadsafe(on_control, message)
-                if message[0] == "stop":
-                    return
         except (EOFError, OSError):
-            loop.call_soon_threadsafe(on_control, ("stop",))
+            message = ("stop",)  # the parent closed the pipe or is gone
+        except RuntimeError:
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(on_control, message)
 
     threading.Thread(target=read_control, daemon=True).start()
-    batcher = RecordBatcher(lambda batch: outbox.put(("records", batch)))
-    result = WorkerResult()
+    batcher = RecordBatcher(lambda batch: outbox.put(("records", batch)), token_counter_for(task.tokenizer),
+                            task.share.measured(task.plan))
+    # As in the parent, the set-up objects (imports, the tokenizer, the prompts) are frozen, so
+    # that no garbage collection walks them during the load and stalls every stream.
     async with task.client.build() as client:
-        outbox.put(("ready",))
-        waiter = asyncio.create_task(stopped.wait())
-        await asyncio.wait([start, waiter], return_when=asyncio.FIRST_COMPLETED)
-        if stopped.is_set():
-            return
-        flusher = asyncio.create_task(batcher.flush_periodically())
-        load = asyncio.create_task(run_share(task, client, start.result(), batcher.add, result.loop_lag))
-        await asyncio.wait([load, waiter], return_when=asyncio.FIRST_COMPLETED)
-        flusher.cancel()
-        if not load.done():
-            load.cancel()  # stopped by the parent: in-flight requests are dropped
-            await asyncio.wait([load])
-            return
-        waiter.cancel()
-        result.cut_by_duration = load.result()
-    batcher.flush()
-    outbox.put(("done", result))
+        with setup_objects_frozen():
+            outbox.put(("ready",))
+            waiter = asyncio.create_task(stopped.wait())
+            await asyncio.wait([start, waiter], return_when=asyncio.FIRST_COMPLETED)
+            if stopped.is_set():
+                return
+            flusher = asyncio.create_task(batcher.flush_periodically())
+            load = asyncio.create_task(run_share(task, client, start.result(), all_measured, batcher))
+            await asyncio.wait([load, waiter], return_when=asyncio.FIRST_COMPLETED)
+            flusher.cancel()
+            if not load.done():
+                load.cancel()  # stopped by the parent: in-flight requests are dropped
+                await asyncio.wait([load])
+                return
+            waiter.cancel()
+            stats = load.result()
+    outbox.put(("done", stats))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,24 +292,33 @@ async def _serve_share(task: WorkerTask, control: Connection, outbox: queue.Simp
 class WorkerFleet:
     """Merges what the workers send into one outcome; shared by the process and Ray backends."""
 
-    def __init__(self, plan: LoadPlan, count: int, on_record: Callable[[RequestRecord], None]) -> None:
+    def __init__(self, plan: LoadPlan, count: int, on_record: Callable[[RequestRecord], None],
+                 keep_records: bool = True) -> None:
         self.plan = plan
         self.on_record = on_record
-        self.outcome = LoadOutcome(worker_loop_lag=[[] for _ in range(count)])
+        self.keep_records = keep_records
+        self.outcome = LoadOutcome(workers=[WorkerStats() for _ in range(count)])
         self.received = [0] * count
         self.done = [False] * count
+        self._measured_left = plan.number
 
-    def take_records(self, worker: int, batch: Sequence[RequestRecord]) -> None:
-        self.received[worker] += len(batch)
-        for record in batch:
-            self.outcome.records.append(record)
+    def take_records(self, worker: int, records: Iterable[RequestRecord]) -> bool:
+        """Pass ``records`` to ``on_record``; return True if they include the plan's last measured request."""
+        measured_before = self._measured_left
+        for record in records:
+            self.received[worker] += 1
+            if self.keep_records:
+                self.outcome.records.append(record)
             self.on_record(record)
+            if not (record.warmup or record.cooldown):
+                self._measured_left -= 1
+        return measured_before > 0 and self._measured_left == 0
 
-    def finish(self, worker: int, result: WorkerResult) -> None:
+    def finish(self, worker: int, stats: WorkerStats) -> None:
         self.done[worker] = True
-        self.outcome.worker_loop_lag[worker] = result.loop_lag
-        self.outcome.loop_lag.extend(result.loop_lag)
-        self.outcome.cut_by_duration |= result.cut_by_duration
+        self.outcome.workers[worker] = stats
+        self.outcome.loop_lag.extend(stats.loop_lag)
+        self.outcome.cut_by_duration |= stats.cut_by_duration
 
     @property
     def all_done(self) -> bool:
@@ -381,34 +332,38 @@ async def run_load_in_workers(
     prompts: list[Prompt],
     on_record: Callable[[RequestRecord], None],
     *,
+    keep_records: bool = True,
+    tokenizer: Optional[WorkerTokenCounter] = None,
     backend: LoadBackend = LoadBackend.process,
     ray_address: Optional[str] = None,
 ) -> LoadOutcome:
     """Send ``plan`` from ``workers`` processes (or Ray actors) and return the merged outcome.
 
-    Same contract as ``run_load``; in addition ``LoadOutcome.worker_loop_lag`` has each
-    worker's event-loop lag samples. A worker that exits before finishing raises RunnerError
-    naming it and its exit code, after every record that arrived was passed to ``on_record``.
-    Cancelling the call stops all workers within STOP_TIMEOUT seconds.
+    Same contract as ``run_load``, except that each record reaches ``on_record`` final:
+    finalize() has run in its worker, with the counter that ``tokenizer`` builds when one is
+    given, and the record carries no chunk times or texts, only its ``itl``. In
+    addition ``LoadOutcome.workers`` has each worker's lag, lateness and CPU. A worker that
+    exits before finishing raises RunnerError naming it and its exit code, after every record
+    that arrived was passed to ``on_record``. Cancelling the call stops all workers within
+    STOP_TIMEOUT seconds.
     """
     if not prompts:
         raise ValueError("run_load_in_workers needs at least one prompt")
     shares = split_plan(plan, workers)
     client = client_args.for_share(len(shares))
-    tasks = [WorkerTask(plan, share, client, list(prompts)) for share in shares]
+    tasks = [WorkerTask(plan, share, client, list(prompts), tokenizer) for share in shares]
+    fleet = WorkerFleet(plan, len(tasks), on_record, keep_records)
     if backend is LoadBackend.ray or ray_address is not None:
         from runner.ray_backend import run_tasks_on_ray
 
-        return await run_tasks_on_ray(tasks, plan, on_record, address=ray_address)
-    return await _run_processes(tasks, plan, on_record)
+        return await run_tasks_on_ray(tasks, fleet, address=ray_address)
+    return await _run_processes(tasks, fleet)
 
 
-async def _run_processes(tasks: list[WorkerTask], plan: LoadPlan,
-                         on_record: Callable[[RequestRecord], None]) -> LoadOutcome:
+async def _run_processes(tasks: list[WorkerTask], fleet: WorkerFleet) -> LoadOutcome:
     context = multiprocessing.get_context("spawn")
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-    fleet = WorkerFleet(plan, len(tasks), on_record)
     processes: list[Any] = []
     controls: list[Connection] = []
     readers: list[threading.Thread] = []
@@ -473,7 +428,8 @@ async def _drive(fleet: WorkerFleet, inbox: asyncio.Queue[tuple[int, Any]], cont
         worker, message = await inbox.get()
         kind = message[0]
         if kind == "records":
-            fleet.take_records(worker, message[1])
+            if fleet.take_records(worker, message[1].records()):
+                _broadcast(controls, ("measured",))
         elif kind == "done":
             fleet.finish(worker, message[1])
         elif kind == "closed" and fleet.done[worker]:
@@ -495,13 +451,17 @@ async def _fail_worker(worker: int, message: tuple[Any, ...], process: Any, flee
     )
 
 
-def _stop_processes(processes: list[Any], controls: list[Connection], readers: list[threading.Thread]) -> None:
-    """Tell every worker to stop, wait up to STOP_TIMEOUT seconds in all, then kill what is left."""
+def _broadcast(controls: list[Connection], message: tuple[Any, ...]) -> None:
     for control in controls:
         try:
-            control.send(("stop",))
+            control.send(message)
         except (BrokenPipeError, OSError):
             pass  # that worker has exited already
+
+
+def _stop_processes(processes: list[Any], controls: list[Connection], readers: list[threading.Thread]) -> None:
+    """Tell every worker to stop, wait up to STOP_TIMEOUT seconds in all, then kill what is left."""
+    _broadcast(controls, ("stop",))
     deadline = time.monotonic() + STOP_TIMEOUT
     for process in processes:
         process.join(max(deadline - time.monotonic(), 0.0))

@@ -13,9 +13,9 @@ from runner.config import EndpointConfig, LoadBackend, ModelConfig, RequestConfi
 from runner.load import LoadPlan, run_load
 from runner.metrics import summarize
 from runner.output import record_row
-from runner.ray_backend import BATCH_RECORDS, LoadActor, measure_clock_offset, shift_record
+from runner.ray_backend import LoadActor, measure_clock_offset, shift_record
 from runner.testing.scripted import Reply, ScriptedServerProcess, token_timeline
-from runner.workers import ClientArgs, WorkerTask, run_load_in_workers, split_plan
+from runner.workers import BATCH_RECORDS, ClientArgs, WorkerTask, run_load_in_workers, split_plan
 
 PROMPTS = [Prompt(text="hello", prompt_tokens=5)]
 REPLY = Reply(writes=token_timeline(0.05, 8, 0.01))
@@ -73,22 +73,28 @@ def test_shift_record_keeps_missing_times():
 
 
 async def test_actor_class_batches_records():
-    # The actor class runs here without Ray: open, run and take as the parent calls them.
+    # The actor class runs here without Ray: open, run, take and measured as the parent calls them.
     plan = LoadPlan(parallel=4, rate=None, number=2 * BATCH_RECORDS)
     async with ScriptedServerProcess(Reply(writes=token_timeline(0.0, 1, 0.0))) as server:
         args = ClientArgs(EndpointConfig(), ModelConfig(), RequestConfig(), server.base_url, 4)
         actor = LoadActor(WorkerTask(plan, split_plan(plan, 1)[0], args, PROMPTS))
         await actor.open()
         run = asyncio.create_task(actor.run(await actor.clock()))
-        batches, finished = [], False
+        batches, finished, measured = [], False, 0
         while not finished:
-            batch, finished = await actor.take()
-            batches.append(batch)
+            new_batches, finished = await actor.take()
+            batches.extend(new_batches)
+            measured += sum(1 for batch in new_batches for record in batch.records() if not record.cooldown)
+            if measured == plan.number:
+                await actor.measured()  # as the parent does: the cooldown requests stop now
         result = await run
-    assert sum(len(batch) for batch in batches) == plan.total
-    assert max(len(batch) for batch in batches) <= BATCH_RECORDS + 4
+    records = [record for batch in batches for record in batch.records()]
+    assert sorted(r.request_id for r in records if not r.cooldown) == list(range(plan.total))
+    assert result.requests == len(records)
+    assert max(len(batch) for batch in batches) <= BATCH_RECORDS
     assert not result.cut_by_duration
     assert result.loop_lag
+    assert len(result.lateness) == plan.number
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +123,16 @@ async def test_ray_actors_match_single_process(local_ray):
         streamed = []
         multi = await run_load_in_workers(plan, 2, args, PROMPTS, streamed.append, backend=LoadBackend.ray)
 
-    assert len(multi.records) == len(single.records) == 28
-    assert len(streamed) == 28
-    assert sorted(r.request_id for r in multi.records) == list(range(28))
-    assert {r.request_id: r.warmup for r in multi.records} == {r.request_id: r.warmup for r in single.records}
-    assert all(r.success for r in multi.records)
-    assert len(multi.worker_loop_lag) == 2
+    single_main = [r for r in single.records if not r.cooldown]
+    multi_main = [r for r in multi.records if not r.cooldown]
+    assert len(multi_main) == len(single_main) == 28
+    assert len(streamed) == len(multi.records)
+    assert sorted(r.request_id for r in multi_main) == list(range(28))
+    assert {r.request_id: r.warmup for r in multi_main} == {r.request_id: r.warmup for r in single_main}
+    assert all(r.success for r in multi_main)
+    assert all(r.request_id >= 28 for r in multi.records if r.cooldown)
+    assert len(multi.workers) == 2
+    assert [len(stats.lateness) for stats in multi.workers] == [12, 12]
     # Shifted onto the parent's clock: on one machine the offset is a fraction of a millisecond.
     assert min(r.scheduled_at for r in multi.records) == pytest.approx(multi.started_at, abs=0.005)
 

@@ -3,6 +3,7 @@
 import asyncio
 import multiprocessing
 import os
+import pickle
 import signal
 import time
 
@@ -11,13 +12,15 @@ import pytest
 
 from runner.client.finalize import finalize
 from runner.client.openai import OpenAIClient
-from runner.client.record import Prompt
+from runner.client.record import Prompt, RequestRecord
 from runner.config import Arrival, EndpointConfig, LoadBackend, LoadConfig, ModelConfig, RequestConfig
 from runner.errors import ConfigError, RunnerError
-from runner.load import LoadPlan, arrival_offsets, run_load
+from runner.load import LoadPlan, Share, arrival_offsets, run_load
 from runner.metrics import summarize
 from runner.output import record_row
+from runner.record_batch import FIELDS, RecordBatch
 from runner.testing.scripted import Reply, ScriptedServerProcess, token_timeline
+from runner.tokenizer import WorkerTokenCounter, token_counter
 from runner.workers import (
     ClientArgs,
     auto_workers,
@@ -47,13 +50,38 @@ def worker_processes() -> list:
 # --- splitting a plan -------------------------------------------------------------------------
 
 
+def first(iterator, count: int) -> list:
+    return [next(iterator) for _ in range(count)]
+
+
 def test_split_closed_loop_follows_slots():
-    shares = split_plan(LoadPlan(parallel=3, rate=None, number=10, warmup=2), 2)
-    assert [s.parallel for s in shares] == [2, 1]
-    # Request i goes to the worker of slot i % 3: slots 0 and 2 are worker 0's.
-    assert shares[0].indexes == [0, 2, 3, 5, 6, 8, 9, 11]
-    assert shares[1].indexes == [1, 4, 7, 10]
-    assert all(s.offsets is None for s in shares)
+    plan = LoadPlan(parallel=3, rate=None, number=10, warmup=2)
+    shares = split_plan(plan, 2)
+    assert shares == [Share(0, 2), Share(1, 2)]
+    assert [s.slots(plan) for s in shares] == [2, 1]
+    # Request i goes to the worker of slot i % 3: slots 0 and 2 are worker 0's. Indexes from
+    # plan.total = 12 on are cooldown requests, and they follow the same rule.
+    assert first(shares[0].closed_indexes(plan), 10) == [0, 2, 3, 5, 6, 8, 9, 11, 12, 14]
+    assert first(shares[1].closed_indexes(plan), 5) == [1, 4, 7, 10, 13]
+    assert [s.measured(plan) for s in shares] == [7, 3]
+
+
+def test_split_fewer_requests_than_slots():
+    plan = LoadPlan(parallel=8, rate=None, number=3)
+    shares = split_plan(plan, 2)
+    # One process would use 3 slots for 3 requests; the workers use 2 and 1 of them.
+    assert [s.slots(plan) for s in shares] == [2, 1]
+    assert [s.measured(plan) for s in shares] == [2, 1]
+
+
+def test_whole_plan_share():
+    closed = LoadPlan(parallel=4, rate=None, number=10, warmup=2)
+    assert Share().slots(closed) == 4
+    assert Share().measured(closed) == 10
+    assert first(Share().closed_indexes(closed), 13) == list(range(13))
+    opened = LoadPlan(parallel=None, rate=50.0, number=5, seed=2)
+    assert Share().slots(opened) is None
+    assert Share().schedule(opened) == list(enumerate(arrival_offsets(opened)))
 
 
 def test_split_never_exceeds_slots_or_requests():
@@ -65,17 +93,17 @@ def test_split_never_exceeds_slots_or_requests():
 def test_split_open_loop_shares_one_schedule():
     plan = LoadPlan(parallel=None, rate=50.0, number=30, warmup=3, seed=7)
     shares = split_plan(plan, 3)
-    schedule = arrival_offsets(plan)
-    merged = sorted((i, o) for s in shares for i, o in zip(s.indexes, s.offsets))
-    assert merged == list(enumerate(schedule))
+    merged = sorted(pair for share in shares for pair in share.schedule(plan))
+    assert merged == list(enumerate(arrival_offsets(plan)))
     for share in shares:
-        assert share.indexes == list(range(share.worker, plan.total, 3))
-        assert share.parallel is None
+        assert [index for index, _ in share.schedule(plan)] == list(range(share.worker, plan.total, 3))
+        assert share.slots(plan) is None
+        assert share.measured(plan) == 10
 
 
 def test_split_open_loop_divides_cap():
-    shares = split_plan(LoadPlan(parallel=5, rate=50.0, number=30), 2)
-    assert [s.parallel for s in shares] == [3, 2]
+    plan = LoadPlan(parallel=5, rate=50.0, number=30)
+    assert [s.slots(plan) for s in split_plan(plan, 2)] == [3, 2]
 
 
 def test_split_rejects_zero_workers():
@@ -83,8 +111,77 @@ def test_split_rejects_zero_workers():
         split_plan(LoadPlan(parallel=4, rate=None, number=4), 0)
 
 
+# --- records between processes ----------------------------------------------------------------
+
+
+def final_record(request_id: int, itl: list[float]) -> RequestRecord:
+    record = RequestRecord(request_id=request_id, cooldown=True, scheduled_at=1.5, dispatched_at=1.25,
+                           sent_at=1.75, first_token_at=2.0, last_token_at=2.5, ended_at=2.75, status=200,
+                           prompt_tokens=7, completion_tokens=3, token_source="usage", finish_reason="stop",
+                           success=True, max_tokens=16, expected_prompt_tokens=7, tokenizer_tokens=4,
+                           chunk_times=[2.0, 2.25, 2.5], chunk_texts=["a", "b", "c"])
+    record.itl = itl
+    return record
+
+
+def test_record_batch_round_trip():
+    batch = RecordBatch()
+    batch.add(final_record(1, [0.25, 0.25]))
+    batch.add(final_record(2, []))
+    received = list(pickle.loads(pickle.dumps(batch)).records())
+    assert [r.request_id for r in received] == [1, 2]
+    assert [r.itl for r in received] == [[0.25, 0.25], []]
+    for name in FIELDS:
+        if name != "request_id":
+            assert getattr(received[0], name) == getattr(final_record(1, []), name), name
+    # Chunk times and texts stay in the worker: the ITL samples already contain what they gave.
+    assert received[0].chunk_times == []
+    assert received[0].chunk_texts == []
+    assert received[0].ttft == 0.25
+    assert received[0].tpot == 0.25
+
+
+def test_record_batch_rejects_unfinished_record():
+    with pytest.raises(ValueError, match="record 3 is not final"):
+        RecordBatch().add(RequestRecord(request_id=3))
+
+
+# Text with special tokens, digits, CJK, an emoji and mixed whitespace.
+TOKENIZER_TEXTS = ["", " hi" * 64, "<|im_start|>user\nHello<|im_end|>", "x = 3.14159 # 中文 😀\r\n\t end",
+                   "<|endoftext|><think>plan</think>" * 3]
+
+
+def test_worker_counter_counts_like_parent(qwen_tokenizer):
+    count = token_counter(qwen_tokenizer)
+    shipped = pickle.loads(pickle.dumps(WorkerTokenCounter(qwen_tokenizer, "qwen2.5")))
+    assert shipped.backend_json is not None
+    worker_count = shipped.build()
+    assert [worker_count(text) for text in TOKENIZER_TEXTS] == [count(text) for text in TOKENIZER_TEXTS]
+    assert count(TOKENIZER_TEXTS[1]) == 64
+
+
+def test_worker_counter_without_backend_loads_by_name(qwen_tokenizer):
+    # A tokenizer without a Rust backend is loaded again in the worker from its name.
+    shipped = pickle.loads(pickle.dumps(WorkerTokenCounter(object(), "qwen2.5")))
+    assert shipped.backend_json is None
+    count = token_counter(qwen_tokenizer)
+    assert [shipped.build()(text) for text in TOKENIZER_TEXTS] == [count(text) for text in TOKENIZER_TEXTS]
+
+
+def test_finalize_twice_keeps_first_result():
+    record = final_record(1, None)
+    record.token_source = ""
+    itl = finalize(record, lambda text: len(text))
+    assert record.completion_tokens == 3
+    assert itl == [0.25, 0.25]
+    # The worker finalized the record; the parent's second call must neither recount nor flag it empty.
+    assert finalize(record, lambda text: 99) == [0.25, 0.25]
+    assert record.completion_tokens == 3
+    assert record.empty_output is False
+
+
 def test_auto_workers_rule():
-    # Workers are opt-in until they beat one process (see runner.workers.auto_workers).
+    # Workers are opt-in (see runner.workers.auto_workers for why).
     assert auto_workers(LoadPlan(parallel=128, rate=None, number=10)) == 1
     assert auto_workers(LoadPlan(parallel=1000, rate=None, number=10)) == 1
     assert auto_workers(LoadPlan(parallel=None, rate=1000.0, number=10)) == 1
@@ -117,39 +214,114 @@ async def test_closed_loop_matches_single_process():
         async with OpenAIClient(EndpointConfig(), ModelConfig(), RequestConfig(), base_url=server.base_url,
                                 pool_size=8) as client:
             single = await run_load(plan, client, PROMPTS, lambda r: None)
-        # One process sends cooldown requests to keep its slots busy; workers do not (yet).
-        single.records = [r for r in single.records if not r.cooldown]
         streamed = []
         multi = await run_load_in_workers(plan, 2, client_args(server.base_url, 8), PROMPTS, streamed.append)
         served = server
 
-    assert len(multi.records) == len(single.records) == 48
     assert [r.request_id for r in streamed] == [r.request_id for r in multi.records]
-    assert sorted(r.request_id for r in multi.records) == list(range(100, 148))
-    single_warmup = {r.request_id: r.warmup for r in single.records}
-    assert {r.request_id: r.warmup for r in multi.records} == single_warmup
-    assert all(r.success for r in multi.records)
+    single_main = [r for r in single.records if not r.cooldown]
+    multi_main = [r for r in multi.records if not r.cooldown]
+    assert len(multi_main) == len(single_main) == 48
+    assert sorted(r.request_id for r in multi_main) == list(range(100, 148))
+    assert {r.request_id: r.warmup for r in multi_main} == {r.request_id: r.warmup for r in single_main}
+    assert all(r.success for r in multi_main)
+    # Both send cooldown requests past the plan's ids, each id once.
+    for outcome in (single, multi):
+        cooldown = [r for r in outcome.records if r.cooldown]
+        assert cooldown
+        assert min(r.request_id for r in cooldown) >= 148
+        assert len({r.request_id for r in outcome.records}) == len(outcome.records)
+        assert all(r.success or r.error == "cancelled" for r in cooldown)
     # Two workers of 4 slots each keep 8 requests in flight, as one process does.
     assert served.state.max_open_requests == 8
 
     single_frame, multi_frame = frame_of(single.records), frame_of(multi.records)
     assert list(multi_frame.columns) == list(single_frame.columns)
-    assert sorted(multi_frame["completion_tokens"]) == sorted(single_frame["completion_tokens"])
-    single_row, multi_row = summarize(single_frame), summarize(multi_frame)
+    measured = ~multi_frame["warmup"] & ~multi_frame["cooldown"]
+    single_measured = ~single_frame["warmup"] & ~single_frame["cooldown"]
+    assert sorted(multi_frame.loc[measured, "completion_tokens"]) == sorted(single_frame.loc[single_measured,
+                                                                                             "completion_tokens"])
+    single_row, multi_row = summarize(single_frame, parallel=8), summarize(multi_frame, parallel=8)
     assert set(multi_row) == set(single_row)
     assert multi_row["requests"] == single_row["requests"] == 40
+    assert multi_row["warmup"] == single_row["warmup"] == 8
     assert multi_row["avg_ttft"] == pytest.approx(0.05, abs=0.015)
     assert multi_row["avg_latency"] == pytest.approx(single_row["avg_latency"], abs=0.015)
     assert multi_row["avg_tpot"] == pytest.approx(0.01, abs=0.003)
+    # 8 slots of 120 ms requests: 66.7 requests/s when every slot stays busy to the end.
+    assert multi_row["rps"] == pytest.approx(single_row["rps"], rel=0.15)
 
 
-async def test_worker_lag_reported_per_worker():
-    plan = LoadPlan(parallel=4, rate=None, number=20)
+async def test_worker_cooldown_keeps_slots_busy():
+    # 21 measured requests over 10 slots: the third wave has one measured request, sent by
+    # worker 0; worker 1's slots must stay busy with cooldown requests until it ends.
+    plan = LoadPlan(parallel=10, rate=None, number=21)
+    async with ScriptedServerProcess(REPLY) as server:
+        outcome = await run_load_in_workers(plan, 2, client_args(server.base_url, 10), PROMPTS, lambda r: None)
+        served = server
+    measured = [r for r in outcome.records if not r.cooldown]
+    cooldown = [r for r in outcome.records if r.cooldown]
+    assert sorted(r.request_id for r in measured) == list(range(21))
+    assert all(r.request_id >= 21 for r in cooldown)
+    assert len(cooldown) >= 9
+    assert served.state.max_open_requests == 10
+    # Halfway through the last measured request every slot is busy. Without cooldown requests
+    # only that request would be in flight, because worker 1's 10 requests ended a wave before.
+    last = max(measured, key=lambda r: r.ended_at)
+    moment = (last.sent_at + last.ended_at) / 2
+    assert sum(1 for r in outcome.records if r.sent_at <= moment < r.ended_at) == 10
+    assert all(r.success or r.error == "cancelled" for r in cooldown)
+    # The cooldown requests stopped soon after the last measured one: well within one more wave.
+    assert max(r.ended_at for r in outcome.records) - max(r.ended_at for r in measured) < 0.12
+
+
+async def test_workers_count_tokens_like_one_process(qwen_tokenizer):
+    # Without usage, output tokens come from the tokenizer; with usage it cross-checks them.
+    plan = LoadPlan(parallel=4, rate=None, number=8)
+    count = token_counter(qwen_tokenizer)
+    for usage in (False, True):
+        reply = Reply(writes=token_timeline(0.02, 6, 0.005, usage=usage))
+        async with ScriptedServerProcess(reply) as server:
+            async with OpenAIClient(EndpointConfig(), ModelConfig(), RequestConfig(), base_url=server.base_url,
+                                    pool_size=4) as client:
+                single = await run_load(plan, client, PROMPTS, lambda r: finalize(r, count))
+            multi = await run_load_in_workers(plan, 2, client_args(server.base_url, 4), PROMPTS, lambda r: None,
+                                              tokenizer=WorkerTokenCounter(qwen_tokenizer, "qwen2.5"))
+        columns = ("completion_tokens", "token_source", "tokenizer_tokens")
+        expected = {tuple(getattr(r, c) for c in columns) for r in single.records if not r.cooldown}
+        got = {tuple(getattr(r, c) for c in columns) for r in multi.records if not r.cooldown}
+        # " t0" .. " t5" are two tokens each for Qwen2.5: 12 tokens over 6 chunks.
+        assert got == expected == ({(12, "tokenizer", None)} if not usage else {(6, "usage", 12)})
+        assert {len(r.itl) for r in multi.records if r.success} == {len(finalize(r, count))
+                                                                    for r in single.records if r.success}
+
+
+async def test_keep_records_false_streams_only():
+    plan = LoadPlan(parallel=4, rate=None, number=12)
+    streamed = []
+    async with ScriptedServerProcess(REPLY) as server:
+        outcome = await run_load_in_workers(plan, 2, client_args(server.base_url), PROMPTS, streamed.append,
+                                            keep_records=False)
+    assert outcome.records == []
+    assert sorted(r.request_id for r in streamed if not r.cooldown) == list(range(12))
+
+
+async def test_worker_stats_reported_per_worker():
+    plan = LoadPlan(parallel=4, rate=None, number=20, warmup=4)
     async with ScriptedServerProcess(REPLY) as server:
         outcome = await run_load_in_workers(plan, 2, client_args(server.base_url), PROMPTS, lambda r: None)
-    assert len(outcome.worker_loop_lag) == 2
-    assert all(len(samples) > 10 for samples in outcome.worker_loop_lag)
-    assert len(outcome.loop_lag) == sum(len(samples) for samples in outcome.worker_loop_lag)
+    shares = split_plan(plan, 2)
+    assert len(outcome.workers) == 2
+    for share, stats in zip(shares, outcome.workers):
+        sent = [r for r in outcome.records if share.owns(plan, r.request_id)]
+        assert stats.requests == len(sent)
+        # Lateness is kept for the measured requests only: 10 per worker.
+        assert len(stats.lateness) == share.measured(plan) == 10
+        assert all(sample >= 0 for sample in stats.lateness)
+        assert len(stats.loop_lag) > 10
+        assert stats.cpu_seconds > 0
+        assert stats.wall_seconds > 0
+    assert len(outcome.loop_lag) == sum(len(stats.loop_lag) for stats in outcome.workers)
     assert outcome.ended_at > outcome.started_at
 
 

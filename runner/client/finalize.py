@@ -15,11 +15,13 @@ def finalize(record: RequestRecord, count_tokens: Optional[TokenCounter]) -> lis
     Without server usage, `completion_tokens` becomes the counter's count of the whole generated
     text with `token_source="tokenizer"`; without a counter it stays None. The record's
     `empty_output` flag is set, then `chunk_texts` is dropped to free memory, so the ITL samples
-    are computed here first and returned.
+    are computed here first, kept in `record.itl` and returned.
 
-    NOTE: call it once per record. A second call sees no text and would flag the record as
-    empty output.
+    A record that is already final (its `itl` is set, for example by the worker process that
+    sent it) is returned as it is: a second call neither counts again nor changes a flag.
     """
+    if record.itl is not None:
+        return record.itl
     texts = record.chunk_texts
     if not record.token_source and count_tokens is not None:
         record.completion_tokens = count_tokens("".join(texts))
@@ -32,6 +34,7 @@ def finalize(record: RequestRecord, count_tokens: Optional[TokenCounter]) -> lis
     record.empty_output = record.success and (record.completion_tokens == 0 or not texts)
     samples = itl_samples(record, count_tokens)
     record.chunk_texts = []
+    record.itl = samples
     return samples
 
 

@@ -71,6 +71,8 @@ class RequestRecord:
     # Generated text of each of those chunks (one entry for a non-streamed response); kept
     # until token counts are final, then dropped.
     chunk_texts: list[str] = field(default_factory=list)
+    # Inter-token latencies in seconds, set by finalize(); None until then.
+    itl: Optional[list[float]] = None
 
     @property
     def ttft(self) -> Optional[float]:
