@@ -91,7 +91,12 @@ class EndpointConfig:
         for key in ("connect_timeout", "read_timeout", "request_timeout"):
             _check_timeout(f"endpoint.{key}", getattr(self, key))
         if self.kind is EndpointKind.openai:
-            parts = urlsplit(self.url)
+            try:
+                parts = urlsplit(self.url)
+                parts.port  # raises ValueError for a port that is not a number in 0-65535
+            except ValueError as exc:
+                raise ConfigError(f"endpoint.url is not a valid URL ({exc}), got {self.url!r}; "
+                                  f"use a URL such as http://127.0.0.1:8000/v1/chat/completions") from None
             _require(
                 parts.scheme in ("http", "https") and bool(parts.netloc),
                 f"endpoint.url must be a full http(s) URL such as "

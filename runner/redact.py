@@ -40,7 +40,12 @@ def url_secrets(url: Optional[str]) -> list[str]:
     """Return the password of a URL's user info and the values of secret-looking query parameters."""
     if not url or "://" not in url:
         return []
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        # An unparsable URL is rejected by the config check with its own message; no secret
+        # can be picked out of it, so the whole URL counts as one.
+        return [url]
     values = [parts.password] if parts.password else []
     values += [value for name, value in parse_qsl(parts.query) if is_secret_header(name) and value]
     return values
