@@ -8,7 +8,9 @@ The tuner then runs its search from the start, and the cache makes every point m
 before free, so no probe is lost and none is measured twice. New rows are appended.
 
 Secret header values were redacted from config.yaml, so pass them again as overrides
-(``endpoint.headers.Authorization=...``); extra overrides are merged over the saved config.
+(``endpoint.headers.Authorization=...``). Only settings that do not change what is measured
+can be overridden (see RESUMABLE_KEYS): new repeats are pooled with the old ones, so a
+different request shape, load or search would mix two experiments in one answer.
 """
 
 from __future__ import annotations
@@ -36,9 +38,28 @@ log = logging.getLogger(__name__)
 BACKUP_SUFFIX = ".before-resume"
 
 
+# Keys (or key prefixes ending in ".") that a resume may override: where the server is and
+# how to authenticate, plus the progress display.
+RESUMABLE_KEYS = ("endpoint.headers.", "endpoint.url", "endpoint.api_key_env", "progress")
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Raise ConfigError for an override that would change what the resumed run measures."""
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if not any(key == allowed or (allowed.endswith(".") and key.startswith(allowed)) for allowed in RESUMABLE_KEYS):
+            raise ConfigError(
+                f"cannot override {key} when resuming: the new repeats would be pooled with repeats measured "
+                f"under the saved value; resume may override only endpoint.headers.*, endpoint.url, "
+                f"endpoint.api_key_env and progress, so start a new run to change {key}"
+            )
+
+
 def load_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     """Rebuild the typed settings of a run folder, with ``overrides`` merged over them."""
     from runner.__main__ import to_run_config
+
+    check_overrides(overrides)
 
     path = run_dir / ".hydra" / "config.yaml"
     if not path.is_file():
@@ -127,7 +148,9 @@ def resume(run_dir: Path, overrides: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runner.resume", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="run folder of the interrupted SLA tune")
-    parser.add_argument("overrides", nargs="*", help="key=value settings merged over the saved config")
+    parser.add_argument("overrides", nargs="*",
+                        help="key=value settings merged over the saved config: endpoint.headers.*, endpoint.url, "
+                             "endpoint.api_key_env or progress")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     install_handlers()

@@ -85,3 +85,22 @@ def test_resume_matches_uninterrupted(tmp_path, profile):
     assert counts == {(float(line["value"]), line["repeat"]): line["requests"] for line in lines}
     assert requests["request_id"].is_unique
     assert (cut / ("requests.csv" + ".before-resume")).is_file()
+
+
+@pytest.mark.parametrize("override", ["request.max_tokens=64", "search.upper_bound=12", "+load.warmup=3"])
+def test_resume_rejects_measurement_override(override):
+    from runner.errors import ConfigError
+    from runner.resume import check_overrides
+
+    with pytest.raises(ConfigError) as raised:
+        check_overrides([override])
+
+    key = override.split("=")[0].lstrip("+")
+    assert f"cannot override {key} when resuming" in str(raised.value)
+
+
+def test_resume_accepts_endpoint_overrides():
+    from runner.resume import check_overrides
+
+    check_overrides(["endpoint.headers.Authorization=Bearer x", "endpoint.url=http://127.0.0.1:9/v1/completions",
+                     "progress=false"])
