@@ -437,13 +437,24 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _default_sigint() -> None:
+    """Give the child a shell's SIGINT state: default disposition and not blocked.
+
+    A child inherits an ignored or blocked signal from its parent, and in the full suite the
+    pytest process's SIGINT state can differ from a shell's.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_stops_workers(tmp_path):
     import subprocess
     import sys
 
     script = tmp_path / "ctrl_c.py"
     script.write_text(CTRL_C_SCRIPT)
-    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                               preexec_fn=_default_sigint)
     try:
         line = process.stdout.readline().split()
         assert line[0] == "running"
