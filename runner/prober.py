@@ -78,27 +78,24 @@ def _ms(seconds: Optional[float]) -> str:
     return "n/a" if seconds is None else f"{1000 * seconds:.2f} ms"
 
 
-def repeat_seed(seed: int, repeat: int) -> int:
-    """Return the arrival-schedule seed of one repeat of a load point.
+def repeat_seed(seed: int, value: float, repeat: int) -> int:
+    """Return the arrival-schedule seed of one repeat of an SLA probe, drawn from (seed, value, repeat).
 
-    The first repeat uses ``seed`` itself. Later ones use a seed drawn from (seed, repeat), so
-    runs with different ``load.seed`` values share no repeat's schedule. The seed does not
-    depend on the load value: with Poisson or gamma arrivals, repeat k at every rate is the
-    same pattern of gaps scaled by 1/rate.
+    Runs with different ``load.seed`` values share no schedule. Probes at different load
+    values get independent schedules, so one unusually bursty schedule cannot make all the
+    probes near a threshold fail (or pass) together.
     """
-    if repeat == 0:
-        return seed
-    return random.Random(f"{seed}/repeat/{repeat}").getrandbits(63)
+    return random.Random(f"{seed}/{value:g}/{repeat}").getrandbits(63)
 
 
 def probe_plan(config: RunConfig, value: float, repeat: int, first_id: int = 0) -> LoadPlan:
     """Return the load plan of one repeat at ``value``: a plain run without SLA rules, or a probe."""
     load, search = config.load, config.search
-    seed = repeat_seed(load.seed, repeat)
     if config.sla is None:
         return LoadPlan(parallel=load.parallel, rate=load.rate, number=load.number, warmup=load.warmup,
                         arrival=load.arrival, burstiness=load.burstiness, duration=load.duration,
-                        seed=seed, first_id=first_id)
+                        seed=load.seed + repeat, first_id=first_id)
+    seed = repeat_seed(load.seed, value, repeat)
     if search.variable is SearchVariable.parallel:
         wanted = search.requests_per_unit * value
     else:

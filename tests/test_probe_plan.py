@@ -15,17 +15,18 @@ def rate_config(seed: int = 7) -> RunConfig:
     )
 
 
-def test_first_repeat_uses_load_seed():
-    assert repeat_seed(7, 0) == 7
-
-
 def test_repeat_seeds_are_stable():
-    assert repeat_seed(7, 3) == repeat_seed(7, 3)
+    assert repeat_seed(7, 24.5, 3) == repeat_seed(7, 24.5, 3)
 
 
-def test_repeat_seeds_never_shared_across_runs():
-    # Seeds 1, 2 and 3 with 15 repeats each give 45 different schedules.
-    seeds = [repeat_seed(seed, repeat) for seed in (1, 2, 3) for repeat in range(15)]
+def test_repeat_seed_same_for_int_and_float_value():
+    # A resumed run reads values back as floats.
+    assert repeat_seed(7, 16, 0) == repeat_seed(7, 16.0, 0)
+
+
+def test_repeat_seeds_never_shared():
+    # Seeds 1, 2 and 3, two rates and 15 repeats each give 90 different schedules.
+    seeds = [repeat_seed(seed, value, repeat) for seed in (1, 2, 3) for value in (24.0, 25.0) for repeat in range(15)]
     assert len(set(seeds)) == len(seeds)
 
 
@@ -37,15 +38,15 @@ def test_rate_probe_plan_size():
     assert plan.warmup == 25
     assert plan.parallel == 64
     assert plan.first_id == 100
-    assert plan.seed == 7
+    assert plan.seed == repeat_seed(7, 24.5, 0)
 
 
-def test_rate_repeat_schedule_shared_across_rates():
+def test_rate_repeat_schedules_differ_across_rates():
     config = rate_config()
     slow = arrival_offsets(probe_plan(config, 10.0, 2))
     fast = arrival_offsets(probe_plan(config, 20.0, 2))
-    # The same gaps scaled by the rate: twice the rate, half the offsets.
-    assert fast[:50] == [offset / 2 for offset in slow[:50]]
+    # Scaled by the rate, the gaps of one schedule would repeat those of the other.
+    assert fast[1:50] != [offset / 2 for offset in slow[1:50]]
 
 
 def test_parallel_probe_plan_size():
@@ -59,10 +60,10 @@ def test_parallel_probe_plan_size():
     assert plan.rate is None
     assert plan.number == 128
     assert plan.warmup == 32
-    assert plan.seed == repeat_seed(3, 1)
+    assert plan.seed == repeat_seed(3, 32, 1)
 
 
-def test_plain_run_plan_uses_load_settings():
+def test_plain_run_plan_uses_load_seed():
     config = RunConfig(load=LoadConfig(parallel=4, number=50, warmup=2, seed=9))
     plan = probe_plan(config, 4, 0)
     assert (plan.parallel, plan.number, plan.warmup, plan.seed) == (4, 50, 2, 9)
