@@ -13,7 +13,7 @@ interpolation between the two grid points around it). Real runs add the time HTT
 event loops and the client take, which bench/sla_capacity.py measures against the same
 model on the same schedules.
 
-    python -m bench.engine_reference --rates 23.5:26:0.25 --seeds 1:20 --requests 40000
+    python -m bench.engine_reference --rates 23.5:26.5:0.25 --seeds 1:20 --requests 40000
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from runner.sim.profile import load_profile
 from runner.sim.virtual import replay
 
 # The sim counts 157 prompt tokens for the default 128-token random prompts sent to
-# /v1/chat/completions (the chat template adds the rest); requests.csv shows it per request.
+# /v1/chat/completions, because the chat template adds 29. requests.csv shows the count.
 DEFAULT_PROMPT_TOKENS = 157
 DEFAULT_OUTPUT_TOKENS = 32
 
@@ -98,7 +98,7 @@ def parse_range(text: str, integer: bool = False) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="default", help="sim profile name or .yaml path (default: default)")
-    parser.add_argument("--rates", default="23.5:26:0.25", help="requests/s: 24,25 or lo:hi:step (inclusive)")
+    parser.add_argument("--rates", default="23.5:26.5:0.25", help="requests/s: 24,25 or lo:hi:step (inclusive)")
     parser.add_argument("--seeds", default="1:20", help="load seeds: 1,2,3 or lo:hi (default 1:20)")
     parser.add_argument("--requests", type=int, default=40000, help="measured requests per seed and rate")
     parser.add_argument("--threshold", type=float, default=0.15, help="p99 TTFT limit in seconds (ttft_strict: 0.15)")

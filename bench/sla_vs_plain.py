@@ -261,8 +261,9 @@ def add_error(row: dict[str, Any], variable: str, reference: float) -> dict[str,
 def markdown_table(frame: pd.DataFrame, variable: str) -> str:
     error_head = "error" if variable == "parallel" else "error (%)"
     lines = [
-        f"| method | seed | answer | bracket | probes | requests | search (s) | wall (s) | {error_head} | note |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| method | seed | answer | bracket | probes | requests | search (s) | wall (s) | {error_head} | load average "
+        "mean (max) | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in frame.to_dict("records"):
         error = row["error"] if variable == "parallel" else 100 * row["error"]
@@ -270,7 +271,7 @@ def markdown_table(frame: pd.DataFrame, variable: str) -> str:
         lines.append(
             f"| {row['method']} | {row['seed']} | {_text(row['answer'])} | {bracket} | {row['probes']} | "
             f"{row['requests']} | {row['search_seconds']:.0f} | {row['wall_seconds']:.0f} | {error:+.1f} | "
-            f"{row['note']} |"
+            f"{row.get('load_mean', math.nan):g} ({row.get('load_max', math.nan):g}) | {row['note']} |"
         )
     return "\n".join(lines)
 
