@@ -233,7 +233,8 @@ class Engine:
                 # Nothing runs, and every waiting sequence arrived after next_start, so the
                 # timeline restarts at the first arrival.
                 next_start = None
-                await asyncio.sleep(max(core.waiting[0].arrived_at - self.clock(), 0.0) if core.waiting else 0.0)
+                first_arrival = core.waiting[0].arrived_at if core.waiting else self.clock()
+                await asyncio.sleep(max(first_arrival - self.clock(), 0.0))
                 continue
             end = step.started_at + step.duration
             delay = end - self.clock()
