@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -41,3 +42,40 @@ def run_runner(out_dir: Path, *overrides: str, timeout: float = 1800) -> subproc
 
 def read_summary(out_dir: Path) -> pd.DataFrame:
     return pd.read_csv(out_dir / "summary.csv")
+
+
+class LoadSampler:
+    """Context manager that samples the 1-minute load average every ``period`` seconds in a thread.
+
+    A long measurement records the mean and maximum over its whole duration, not just the
+    values at its ends.
+    """
+
+    def __init__(self, period: float = 5.0) -> None:
+        self.period = period
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> "LoadSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while True:
+            self.samples.append(os.getloadavg()[0])
+            if self._stop.wait(self.period):
+                self.samples.append(os.getloadavg()[0])
+                return
+
+    @property
+    def mean(self) -> float:
+        return round(sum(self.samples) / len(self.samples), 2)
+
+    @property
+    def max(self) -> float:
+        return round(max(self.samples), 2)

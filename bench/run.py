@@ -26,6 +26,10 @@ BENCHMARKS = {
                                       "pacing, start-up (~25 min; installs the peers once)", True),
     "report": Benchmark("bench.report_speed", "python -m runner.report over 200 runs of 5,000 requests (~3 min)", True),
     "sla_capacity": Benchmark("bench.sla_capacity", "fine sweep that fixes the reference SLA capacity (~15 min)", False),
+    "engine_reference": Benchmark("bench.engine_reference", "rate capacity of the sim's engine model in virtual "
+                                                            "time, 20 seeds x 40,000 requests per rate (~5 min)", False),
+    "sla_tune_virtual": Benchmark("bench.sla_tune_virtual", "rate-tune answers for 200 seeds against the engine "
+                                                            "model in virtual time (~3 min)", False),
     "sla_vs_plain": Benchmark("bench.sla_vs_plain", "SLA tune against the plain doubling-and-bisection search "
                                                     "(~30 min)", False),
     "calibration": Benchmark("bench.calibration", "self-calibrated client ceiling against the peer benchmark's "

@@ -33,7 +33,7 @@ import pandas as pd
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import REPO, RESULTS, machine_line, run_runner
+from bench.common import REPO, RESULTS, LoadSampler, machine_line, run_runner
 from bench.sla_capacity import DEFAULT_OVERRIDES, capacity, load_rule_set
 from runner.sla.rules import RuleGroup
 
@@ -261,8 +261,9 @@ def add_error(row: dict[str, Any], variable: str, reference: float) -> dict[str,
 def markdown_table(frame: pd.DataFrame, variable: str) -> str:
     error_head = "error" if variable == "parallel" else "error (%)"
     lines = [
-        f"| method | seed | answer | bracket | probes | requests | search (s) | wall (s) | {error_head} | note |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| method | seed | answer | bracket | probes | requests | search (s) | wall (s) | {error_head} | load average "
+        "mean (max) | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in frame.to_dict("records"):
         error = row["error"] if variable == "parallel" else 100 * row["error"]
@@ -270,7 +271,7 @@ def markdown_table(frame: pd.DataFrame, variable: str) -> str:
         lines.append(
             f"| {row['method']} | {row['seed']} | {_text(row['answer'])} | {bracket} | {row['probes']} | "
             f"{row['requests']} | {row['search_seconds']:.0f} | {row['wall_seconds']:.0f} | {error:+.1f} | "
-            f"{row['note']} |"
+            f"{row.get('load_mean', math.nan):g} ({row.get('load_max', math.nan):g}) | {row['note']} |"
         )
     return "\n".join(lines)
 
@@ -289,12 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="product,plain", help="product, plain or both (comma-separated)")
     parser.add_argument("--label", default="", help="suffix of the product's method name, e.g. for other search.* settings")
     parser.add_argument("--product-overrides", default="", help="space-separated search.* overrides for the product")
+    parser.add_argument("--reference", type=float, help="reference capacity (default: the highest passing value "
+                                                        "in bench/results/sla_capacity_VARIABLE.csv)")
     parser.add_argument("--output", type=Path, help="CSV to write (default bench/results/sla_vs_plain_VARIABLE.csv)")
     parser.add_argument("overrides", nargs="*", help=f"extra runner overrides for both (default: {' '.join(DEFAULT_OVERRIDES)})")
     args = parser.parse_args(argv)
 
     groups = load_rule_set(args.sla)
-    reference = reference_capacity(args.variable)
+    reference = args.reference if args.reference is not None else reference_capacity(args.variable)
     extra = list(args.overrides) or list(DEFAULT_OVERRIDES)
     product_overrides = args.product_overrides.split()
     methods = args.methods.split(",")
@@ -307,18 +310,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sla-vs-plain-") as tmp:
         for seed in seeds:
             for method in methods:
-                if method == "product":
-                    name = "product" + (f" ({args.label})" if args.label else "")
-                    result = run_product(args.variable, args.start, args.upper, seed, args.sla, extra,
-                                         product_overrides, Path(tmp))
-                else:
-                    name = "plain"
-                    result = run_plain(args.variable, args.start, args.upper, seed, groups, extra)
+                with LoadSampler() as load:
+                    if method == "product":
+                        name = "product" + (f" ({args.label})" if args.label else "")
+                        result = run_product(args.variable, args.start, args.upper, seed, args.sla, extra,
+                                             product_overrides, Path(tmp))
+                    else:
+                        name = "plain"
+                        result = run_plain(args.variable, args.start, args.upper, seed, groups, extra)
+                result |= {"load_mean": load.mean, "load_max": load.max}
                 row = add_error({"method": name, "seed": seed, **result}, args.variable, reference)
                 rows.append(row)
                 print(f"{name} seed {seed}: answer {_text(row['answer'])} bracket [{_text(row['last_pass'])}, "
                       f"{_text(row['first_fail'])}) probes {row['probes']} ({row['probed']}) requests "
-                      f"{row['requests']} search {row['search_seconds']:.1f} s wall {row['wall_seconds']:.1f} s",
+                      f"{row['requests']} search {row['search_seconds']:.1f} s wall {row['wall_seconds']:.1f} s "
+                      f"load average {row['load_mean']} (max {row['load_max']}) note {row['note']}",
                       flush=True)
 
     frame = pd.DataFrame(rows)

@@ -349,9 +349,12 @@ class SearchConfig:
     # ... capped at this many, so probes at high load stay bounded.
     max_requests: int = 2000
     # Extra repeats allowed for a probe whose metric lies within noise of a threshold.
-    max_extra_runs: int = 2
+    max_extra_runs: int = 12
     # Relative band around a threshold that counts as noise (0.05 = 5%).
     noise_band: float = 0.05
+    # Percentile rules: the band is at least tail_noise / sqrt(samples beyond the percentile),
+    # e.g. 1.5 / sqrt(7.5) = 55% for a p99 over 750 requests (0 = noise_band only).
+    tail_noise: float = 1.5
     # Open loop only: cap on requests in flight during rate probes (null: no cap).
     rate_parallel_cap: Optional[int] = None
 
@@ -382,6 +385,7 @@ class SearchConfig:
         )
         _require(self.max_extra_runs >= 0, f"search.max_extra_runs must be >= 0, got {self.max_extra_runs}")
         _require(0 <= self.noise_band < 1, f"search.noise_band must be in [0, 1), got {self.noise_band}")
+        _require(self.tail_noise >= 0, f"search.tail_noise must be >= 0, got {self.tail_noise}")
         _require(
             self.rate_parallel_cap is None or self.rate_parallel_cap >= 1,
             f"search.rate_parallel_cap must be >= 1 or null, got {self.rate_parallel_cap}",

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import math
+import random
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, TextIO
@@ -75,6 +76,39 @@ def worker_row(worker: int, stats: WorkerStats) -> dict[str, Any]:
 
 def _ms(seconds: Optional[float]) -> str:
     return "n/a" if seconds is None else f"{1000 * seconds:.2f} ms"
+
+
+def repeat_seed(seed: int, value: float, repeat: int) -> int:
+    """Return the arrival-schedule seed of one repeat of an SLA probe, drawn from (seed, value, repeat).
+
+    Runs with different ``load.seed`` values share no schedule. Probes at different load
+    values get independent schedules, so one unusually bursty schedule cannot make all the
+    probes near a threshold fail (or pass) together.
+    """
+    return random.Random(f"{seed}/{value:g}/{repeat}").getrandbits(63)
+
+
+def probe_plan(config: RunConfig, value: float, repeat: int, first_id: int = 0) -> LoadPlan:
+    """Return the load plan of one repeat at ``value``: a plain run without SLA rules, or a probe."""
+    load, search = config.load, config.search
+    if config.sla is None:
+        return LoadPlan(parallel=load.parallel, rate=load.rate, number=load.number, warmup=load.warmup,
+                        arrival=load.arrival, burstiness=load.burstiness, duration=load.duration,
+                        seed=load.seed + repeat, first_id=first_id)
+    seed = repeat_seed(load.seed, value, repeat)
+    if search.variable is SearchVariable.parallel:
+        wanted = search.requests_per_unit * value
+    else:
+        wanted = search.rate_repeat_seconds * value
+    number = int(min(max(search.min_requests, math.ceil(wanted)), search.max_requests))
+    if search.variable is SearchVariable.parallel:
+        # Warmup fills every slot once, so measured requests start on a busy server.
+        return LoadPlan(parallel=int(value), rate=None, number=number, warmup=max(load.warmup, int(value)),
+                        duration=load.duration, seed=seed, first_id=first_id)
+    cap = search.rate_parallel_cap
+    return LoadPlan(parallel=cap, rate=value, number=number, warmup=max(load.warmup, math.ceil(value)),
+                    arrival=load.arrival, burstiness=load.burstiness, duration=load.duration,
+                    seed=seed, first_id=first_id)
 
 
 class LoadPointProber:
@@ -151,24 +185,7 @@ class LoadPointProber:
             shutil.rmtree(self.scratch_dir, ignore_errors=True)
 
     def plan_for(self, value: float, repeat: int) -> LoadPlan:
-        load, search = self.config.load, self.config.search
-        if self.config.sla is None:
-            return LoadPlan(parallel=load.parallel, rate=load.rate, number=load.number, warmup=load.warmup,
-                            arrival=load.arrival, burstiness=load.burstiness, duration=load.duration,
-                            seed=load.seed + repeat, first_id=self.next_id)
-        if search.variable is SearchVariable.parallel:
-            wanted = search.requests_per_unit * value
-        else:
-            wanted = search.rate_repeat_seconds * value
-        number = int(min(max(search.min_requests, math.ceil(wanted)), search.max_requests))
-        if search.variable is SearchVariable.parallel:
-            # Warmup fills every slot once, so measured requests start on a busy server.
-            return LoadPlan(parallel=int(value), rate=None, number=number, warmup=max(load.warmup, int(value)),
-                            duration=load.duration, seed=load.seed + repeat, first_id=self.next_id)
-        cap = search.rate_parallel_cap
-        return LoadPlan(parallel=cap, rate=value, number=number, warmup=max(load.warmup, math.ceil(value)),
-                        arrival=load.arrival, burstiness=load.burstiness, duration=load.duration,
-                        seed=load.seed + repeat, first_id=self.next_id)
+        return probe_plan(self.config, value, repeat, first_id=self.next_id)
 
     async def measure_repeat(self, value: float, repeat: int) -> None:
         plan = self.plan_for(value, repeat)

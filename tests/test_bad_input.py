@@ -67,6 +67,7 @@ CASES = [
     ("upper below lower", ["search.lower_bound=4", "search.upper_bound=2"], ["search.upper_bound", "got 2"]),
     ("zero runs", ["search.num_runs=0"], ["search.num_runs", "got 0"]),
     ("rate resolution above one", ["search.rate_resolution=2"], ["search.rate_resolution", "got 2"]),
+    ("negative tail noise", ["search.tail_noise=-1"], ["search.tail_noise", ">= 0", "got -1"]),
     ("zero max tokens", ["request.max_tokens=0"], ["request.max_tokens", "got 0"]),
     ("min tokens above max", ["request.min_tokens=500"], ["request.min_tokens", "got 500"]),
     ("negative temperature", ["request.temperature=-1"], ["request.temperature", "got -1"]),

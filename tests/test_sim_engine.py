@@ -8,6 +8,7 @@ import pytest
 
 from runner.sim.engine import Engine, EngineCore, Sequence, plan_output
 from runner.sim.profile import SimProfile
+from runner.sim.virtual import replay
 
 # Step costs chosen so every duration is easy to compute by hand (seconds).
 BASE = 0.010
@@ -179,3 +180,51 @@ async def test_engine_idles_without_work():
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+def test_step_admits_only_arrived_sequences():
+    core = EngineCore(make_profile(step_per_prefill_token=0.0))
+    first = make_seq("first", prompt=10, tokens=6)
+    late = make_seq("late", prompt=10, tokens=2, arrived_at=0.005)
+    core.add(first)
+    core.add(late)
+
+    # A step that starts before the arrival (as when the real-time driver catches up) leaves it waiting.
+    step = core.start_step(0.0)
+    assert step.running == 1
+    assert late.admitted_at is None
+    core.finish_step()
+
+    core.start_step(BASE + PER_SEQ)
+    assert late.admitted_at == BASE + PER_SEQ
+
+
+def test_no_step_before_first_arrival():
+    core = EngineCore(make_profile())
+    core.add(make_seq("later", prompt=10, tokens=2, arrived_at=1.0))
+    assert core.start_step(0.5) is None
+    assert core.start_step(1.0).running == 1
+
+
+def test_replay_matches_hand_timeline():
+    profile = make_profile(max_num_seqs=1, step_per_prefill_token=0.0)
+    # Prompt 10, 2 tokens each; the second arrives while the first runs and waits for its slot.
+    first, second = replay(profile, [(0.0, 10, 2), (0.005, 10, 2)])
+
+    one_seq = BASE + PER_SEQ
+    assert first.token_times == pytest.approx([one_seq, 2 * one_seq], abs=1e-12)
+    assert second.admitted_at == pytest.approx(2 * one_seq, abs=1e-12)
+    assert second.token_times == pytest.approx([3 * one_seq, 4 * one_seq], abs=1e-12)
+
+
+def test_replay_idle_engine_starts_at_arrival():
+    (seq,) = replay(make_profile(step_per_prefill_token=0.0), [(2.5, 10, 1)])
+    assert seq.admitted_at == 2.5
+    assert seq.token_times == pytest.approx([2.5 + BASE + PER_SEQ], abs=1e-12)
+
+
+def test_replay_keeps_input_order():
+    profile = make_profile(step_per_prefill_token=0.0)
+    late, early = replay(profile, [(1.0, 10, 1), (0.0, 10, 1)])
+    assert late.arrived_at == 1.0
+    assert early.token_times == pytest.approx([BASE + PER_SEQ], abs=1e-12)

@@ -267,6 +267,25 @@ def test_near_threshold():
     assert group.near_threshold({"p99_ttft": math.nan, "tps": 100.0}, 0.05) == ["tps"]
 
 
+def test_near_threshold_tail_band():
+    group = parse_one({"p99_ttft": "<=0.1", "p90_tpot": "<=0.1", "avg_ttft": "<=0.1"})
+    # 750 requests: 7.5 samples beyond p99 (band 1.5 / sqrt(7.5) = 54.8 %) and 75 beyond p90 (17.3 %).
+    metrics = {"p99_ttft": 0.146, "p90_tpot": 0.08, "avg_ttft": 0.06, "requests": 750.0}
+    assert group.near_threshold(metrics, 0.05, tail_noise=1.5) == ["p99_ttft"]
+    assert group.near_threshold(metrics | {"p90_tpot": 0.083}, 0.05, tail_noise=1.5) == ["p99_ttft", "p90_tpot"]
+    # 7,500 requests: 75 samples beyond p99, band 17.3 %.
+    assert group.near_threshold(metrics | {"requests": 7500.0}, 0.05, tail_noise=1.5) == []
+    assert group.near_threshold(metrics | {"requests": 7500.0, "p99_ttft": 0.116}, 0.05, tail_noise=1.5) == ["p99_ttft"]
+
+
+def test_near_threshold_tail_band_needs_requests():
+    group = parse_one({"p99_ttft": "<=0.1"})
+    assert group.near_threshold({"p99_ttft": 0.09}, 0.05, tail_noise=1.5) == []
+    assert group.near_threshold({"p99_ttft": 0.09, "requests": math.nan}, 0.05, tail_noise=1.5) == []
+    assert group.near_threshold({"p99_ttft": 0.09, "requests": 100.0}, 0.05, tail_noise=0.0) == []
+    assert group.near_threshold({"p99_ttft": 0.09, "requests": 100.0}, 0.0, tail_noise=1.5) == ["p99_ttft"]
+
+
 # -- per-request bounds --------------------------------------------------------------------
 
 

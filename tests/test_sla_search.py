@@ -235,6 +235,33 @@ async def test_pooled_repeats_decide_verdict():
     assert answer.max_satisfied == 37
 
 
+async def test_tail_noise_repeats_until_enough_tail_samples():
+    prober = FakeProber()
+    # The fake prober reports 100 requests per repeat, so a p99 rests on one tail sample per
+    # repeat and the band after k repeats is 0.5 / sqrt(k). 32 (0.32) lies 14.7 % below 0.375,
+    # which needs k = 12 (band 14.4 %); 48 (0.48) lies 28 % above it and needs k = 4.
+    (answer,) = await make_tuner([{"p99_ttft": "<=0.375"}], prober, tail_noise=0.5, max_extra_runs=12).run()
+    runs = {value: max(count for probed, count in prober.calls if probed == value) for value in prober.values}
+    assert runs[16] == 3
+    assert runs[32] == 12
+    assert runs[48] == 4
+    assert runs[64] == 3
+    assert answer.max_satisfied == 37
+
+
+async def test_tail_noise_capped_by_max_extra_runs():
+    prober = FakeProber()
+    await make_tuner([{"p99_ttft": "<=0.375"}], prober, tail_noise=0.5, max_extra_runs=2).run()
+    assert max(runs for _, runs in prober.calls) == 5
+
+
+async def test_tail_noise_ignores_average_rules():
+    prober = FakeProber()
+    # avg_ttft = 0.005 * value crosses 0.1875 between 37 and 38 too, but an average gets no tail band.
+    await make_tuner([{"avg_ttft": "<=0.1875"}], prober, tail_noise=0.5, max_extra_runs=12).run()
+    assert {runs for _, runs in prober.calls} == {3}
+
+
 async def test_no_repeats_without_noise_budget():
     prober = FakeProber()
     await make_tuner([{"p99_ttft": "<=0.37"}], prober, noise_band=0.05, max_extra_runs=0).run()
@@ -294,7 +321,8 @@ async def test_from_config_uses_search_settings():
     prober = FakeProber()
     config = RunConfig(
         load=LoadConfig(parallel=2),
-        search=SearchConfig(variable=SearchVariable.parallel, lower_bound=1, upper_bound=64, num_runs=2, noise_band=0),
+        search=SearchConfig(variable=SearchVariable.parallel, lower_bound=1, upper_bound=64, num_runs=2, noise_band=0,
+                            tail_noise=0),
         sla=SlaConfig(rules=[{"p99_ttft": "<=0.375"}]),
     )
     tuner = SlaTuner.from_config(parse_rules(config.sla.rules), config, prober)
@@ -308,7 +336,7 @@ async def test_from_config_rate_starts_at_load_rate():
     prober = FakeProber()
     config = RunConfig(
         load=LoadConfig(parallel=None, rate=1.5),
-        search=SearchConfig(variable=SearchVariable.rate, lower_bound=0.5, upper_bound=64, noise_band=0),
+        search=SearchConfig(variable=SearchVariable.rate, lower_bound=0.5, upper_bound=64, noise_band=0, tail_noise=0),
         sla=SlaConfig(rules=[{"p99_ttft": "<=0.2345"}]),
     )
     tuner = SlaTuner.from_config(parse_rules(config.sla.rules), config, prober)

@@ -3,9 +3,10 @@
 ``EngineCore`` is the pure model: it works on times passed in by the caller, so tests can run
 it in virtual time. ``Engine`` drives it in real time on the event loop. Per step:
 
-1. Admit waiting sequences in arrival order while a sequence slot (``max_num_seqs``), KV-cache
-   room (prompt + max_tokens tokens, reserved until the sequence finishes) and step token budget
-   are free. Admission stops at the first sequence that does not fit, as in vLLM's FIFO policy.
+1. Admit waiting sequences that arrived by the step's start, in arrival order, while a sequence
+   slot (``max_num_seqs``), KV-cache room (prompt + max_tokens tokens, reserved until the
+   sequence finishes) and step token budget are free. Admission stops at the first sequence
+   that does not fit, as in vLLM's FIFO policy.
 2. Spend the token budget (``max_batched_tokens``): one token per decoding sequence first, then
    prompt chunks of the prefilling sequences in admission order (chunked prefill).
 3. The step lasts ``step_base + step_per_seq * running + step_per_prefill_token * prefilled``.
@@ -54,6 +55,7 @@ class Sequence:
     max_tokens: int
     # Tokens this sequence will generate (<= max_tokens), drawn at arrival by plan_output.
     target_tokens: int
+    # Arrival on the engine's clock; the sequence joins the first step starting at or after it.
     arrived_at: float
     admitted_at: Optional[float] = None
     # Prompt tokens processed so far.
@@ -138,7 +140,9 @@ class EngineCore:
 
         while self.waiting and budget > 0 and len(self.running) < profile.max_num_seqs:
             seq = self.waiting[0]
-            if self.kv_used + seq.kv_tokens > profile.kv_cache_tokens:
+            # A step that starts before an arrival cannot admit it. This matters when the real-time
+            # driver catches up on steps whose start lies in the past.
+            if seq.arrived_at > now or self.kv_used + seq.kv_tokens > profile.kv_cache_tokens:
                 break
             self.waiting.popleft()
             seq.admitted_at = now
@@ -195,8 +199,10 @@ class Engine:
     """Real-time driver: one task runs steps back to back on absolute times.
 
     Each step ends at ``previous end + duration``, never at ``now + duration``, so event-loop
-    delays shift single deliveries but do not accumulate. With no work the task waits on an
-    event instead of polling.
+    delays shift single deliveries but do not accumulate. After a delay the task runs the
+    missed steps at once, and a sequence that arrived during the delay joins the first step
+    starting after its arrival, so the timeline is the one ``EngineCore`` gives in virtual time
+    for the same arrivals. With no work the task waits on an event instead of polling.
     """
 
     def __init__(self, profile: SimProfile, clock: Callable[[], float] = time.perf_counter) -> None:
@@ -224,7 +230,11 @@ class Engine:
                 next_start = self.clock()
             step = core.start_step(next_start)
             if step is None:
+                # Nothing runs, and every waiting sequence arrived after next_start, so the
+                # timeline restarts at the first arrival.
                 next_start = None
+                first_arrival = core.waiting[0].arrived_at if core.waiting else self.clock()
+                await asyncio.sleep(max(first_arrival - self.clock(), 0.0))
                 continue
             end = step.started_at + step.duration
             delay = end - self.clock()

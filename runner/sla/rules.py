@@ -44,6 +44,7 @@ METRIC_OPERATORS: dict[str, tuple[str, ...]] = {
 OBJECTIVES = ("max", "min")
 COMPARISONS = ("<=", "<", ">=", ">")
 
+_PERCENTILE = re.compile(r"^p(\d+)_")
 _SPEC = re.compile(r"^\s*([<>=!]*)\s*(.*?)\s*$")
 _BARE_WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -120,6 +121,18 @@ def _describe(value: float) -> str:
     return f"{value:.4g}"
 
 
+def _rule_band(rule: Rule, metrics: Mapping[str, float], band: float, tail_noise: float) -> float:
+    """Return the relative noise band of one rule, widened for a percentile over few tail samples."""
+    match = _PERCENTILE.match(rule.metric)
+    requests = _metric(metrics, "requests")
+    if match is None or tail_noise <= 0 or math.isnan(requests) or requests <= 0:
+        return band
+    # NOTE: requests counts requests, so for p99_itl (many gaps per request) the band is wider
+    # than the number of gaps alone would give. Gaps of one request are correlated anyway.
+    tail_samples = requests * (1 - int(match.group(1)) / 100)
+    return max(band, tail_noise / math.sqrt(tail_samples))
+
+
 @dataclass(frozen=True)
 class RuleGroup:
     """Rules tuned together: constraints that must all hold, or one objective.
@@ -175,16 +188,22 @@ class RuleGroup:
                 violations.append(f"{rule.metric} {_describe(value)}, needs {rule.op} {_format_number(rule.threshold)}")
         return not violations, violations
 
-    def near_threshold(self, metrics: Mapping[str, float], band: float) -> list[str]:
-        """Return the constraint metrics whose value lies within ``band`` (relative) of the threshold."""
-        if self.objective is not None or band <= 0:
+    def near_threshold(self, metrics: Mapping[str, float], band: float, tail_noise: float = 0.0) -> list[str]:
+        """Return the constraint metrics whose value lies within the noise band of the threshold.
+
+        The band is ``band`` relative to the threshold. For a percentile rule (``p90_*``,
+        ``p99_*``) it is at least ``tail_noise / sqrt(k)``, where k = requests x (1 - percentile)
+        is the number of samples beyond the percentile, whose count varies by about sqrt(k)
+        from run to run.
+        """
+        if self.objective is not None or (band <= 0 and tail_noise <= 0):
             return []
         near: list[str] = []
         for rule in self.rules:
             value = _metric(metrics, rule.metric)
             if math.isnan(value) or rule.threshold == 0:
                 continue
-            if abs(value - rule.threshold) <= band * abs(rule.threshold):
+            if abs(value - rule.threshold) <= _rule_band(rule, metrics, band, tail_noise) * abs(rule.threshold):
                 near.append(rule.metric)
         return near
 

@@ -82,6 +82,7 @@ class SlaTuner:
         noise_band: float,
         prober: Prober,
         on_event: Callable[[TuneEvent], None] | None = None,
+        tail_noise: float = 0.0,
     ) -> None:
         self._variable = variable
         self._integer = variable is SearchVariable.parallel
@@ -109,6 +110,7 @@ class SlaTuner:
         self._resolution = resolution
         self._max_extra_runs = max_extra_runs
         self._noise_band = noise_band
+        self._tail_noise = tail_noise
         self._prober = prober
         self._on_event = on_event
         # Significant digits of probed rates: enough to split a bracket at the resolution.
@@ -144,6 +146,7 @@ class SlaTuner:
             noise_band=search.noise_band,
             prober=prober,
             on_event=on_event,
+            tail_noise=search.tail_noise,
         )
 
     async def run(self) -> list[GroupAnswer]:
@@ -345,7 +348,11 @@ class SlaTuner:
         # A metric within the noise band of its threshold gets extra repeats before its
         # verdict counts. The pooled result of all repeats decides.
         max_runs = self._num_runs + self._max_extra_runs
-        while not result.client_bound and result.runs < max_runs and group.near_threshold(metrics, self._noise_band):
+        while (
+            not result.client_bound
+            and result.runs < max_runs
+            and group.near_threshold(metrics, self._noise_band, self._tail_noise)
+        ):
             requested = result.runs + 1
             result = await self._fetch(value, requested)
             metrics = result.metrics_for(bounds)
