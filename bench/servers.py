@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from runner.nullserver import next_request
+
 try:
     import orjson
 
@@ -41,8 +43,6 @@ except ImportError:  # the project installs orjson with its `fast` extra; json w
     _loads = json.loads
 
 DEFAULT_TOKENS = 64
-# Upper bound on one request's header block, so a broken client cannot grow the buffer forever.
-MAX_HEADER_BYTES = 65536
 
 _MODELS = json.dumps({"object": "list", "data": [{"id": "bench", "object": "model", "owned_by": "bench"}]}).encode()
 
@@ -150,27 +150,14 @@ class StreamProtocol(asyncio.Protocol):
 
     def _process(self) -> None:
         while self.transport is not None:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.buffer) > MAX_HEADER_BYTES:
-                    self.transport.close()
+            try:
+                request = next_request(self.buffer)
+            except ValueError:
+                self.transport.close()
                 return
-            head = bytes(self.buffer[:end]).decode("latin-1")
-            lines = head.split("\r\n")
-            method, path = lines[0].split(" ", 2)[:2]
-            length = 0
-            close = False
-            for line in lines[1:]:
-                name, _, value = line.partition(":")
-                name = name.strip().lower()
-                if name == "content-length":
-                    length = int(value)
-                elif name == "connection" and value.strip().lower() == "close":
-                    close = True
-            if len(self.buffer) < end + 4 + length:
+            if request is None:
                 return
-            body = bytes(self.buffer[end + 4:end + 4 + length])
-            del self.buffer[:end + 4 + length]
+            method, path, body, close = request
             self._respond(method, path, body, close)
             if self.busy is not None:
                 return

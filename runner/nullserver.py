@@ -112,6 +112,36 @@ def encode_response(chat: bool, tokens: int, *, stream: bool, include_usage: boo
     return b"".join(parts)
 
 
+def next_request(buffer: bytearray) -> Optional[tuple[str, str, bytes, bool]]:
+    """Remove one complete HTTP/1.1 request from ``buffer``; return (method, path, body, close).
+
+    Returns None while the request is incomplete. Raises ValueError when the header block
+    passes MAX_HEADER_BYTES or Content-Length is not a number, so the caller closes the
+    connection.
+    """
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buffer) > MAX_HEADER_BYTES:
+            raise ValueError(f"request header block is over {MAX_HEADER_BYTES} bytes")
+        return None
+    lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+    method, path = (lines[0].split(" ") + ["", ""])[:2]
+    length = 0
+    close = False
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        name = name.strip().lower()
+        if name == "content-length":
+            length = int(value)
+        elif name == "connection":
+            close = value.strip().lower() == "close"
+    if len(buffer) < end + 4 + length:
+        return None
+    body = bytes(buffer[end + 4:end + 4 + length])
+    del buffer[:end + 4 + length]
+    return method, path, body, close
+
+
 @dataclass
 class Served:
     """Requests the server has served so far, and its encoded responses."""
@@ -177,26 +207,14 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         while self.transport is not None:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.buffer) > MAX_HEADER_BYTES:
-                    self.transport.close()
+            try:
+                request = next_request(self.buffer)
+            except ValueError:
+                self.transport.close()
                 return
-            lines = bytes(self.buffer[:end]).decode("latin-1").split("\r\n")
-            method, path = (lines[0].split(" ") + ["", ""])[:2]
-            length = 0
-            close = False
-            for line in lines[1:]:
-                name, _, value = line.partition(":")
-                name = name.strip().lower()
-                if name == "content-length":
-                    length = int(value)
-                elif name == "connection":
-                    close = value.strip().lower() == "close"
-            if len(self.buffer) < end + 4 + length:
+            if request is None:
                 return
-            raw = bytes(self.buffer[end + 4:end + 4 + length])
-            del self.buffer[:end + 4 + length]
+            method, path, raw, close = request
             if method == "POST":
                 self.transport.write(self.served.response_for(path.split("?", 1)[0], raw))
             else:
