@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import platform
 import subprocess
@@ -79,3 +80,22 @@ class LoadSampler:
     @property
     def max(self) -> float:
         return round(max(self.samples), 2)
+
+
+def parse_range(text: str, integer: bool = False) -> list[float]:
+    """Parse ``1,2,5`` or ``lo:hi`` (step 1) or ``lo:hi:step``, ranges inclusive."""
+    values: list[float] = []
+    for item in text.split(","):
+        parts = [float(part) for part in item.split(":")]
+        if len(parts) == 1:
+            values.append(parts[0])
+            continue
+        low, high = parts[0], parts[1]
+        step = parts[2] if len(parts) == 3 else 1.0
+        if step <= 0 or high < low:
+            raise SystemExit(f"error: invalid range {item!r}; write lo:hi or lo:hi:step with lo <= hi and step > 0")
+        count = int(math.floor((high - low) / step + 1e-9))
+        values.extend(round(low + i * step, 6) for i in range(count + 1))
+    if integer:
+        return [int(value) for value in values]
+    return values

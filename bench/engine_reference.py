@@ -30,7 +30,7 @@ import pandas as pd
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, machine_line
+from bench.common import RESULTS, machine_line, parse_range
 from runner.load import LoadPlan, arrival_offsets
 from runner.sim.engine import Sequence
 from runner.sim.profile import load_profile
@@ -74,25 +74,6 @@ def crossing(frame: pd.DataFrame, column: str, threshold: float) -> float | None
             fraction = (threshold - values[index - 1]) / (values[index] - values[index - 1])
             return float(rates[index - 1] + fraction * (rates[index] - rates[index - 1]))
     return None
-
-
-def parse_range(text: str, integer: bool = False) -> list[float]:
-    """Parse ``1,2,5`` or ``lo:hi`` (step 1) or ``lo:hi:step``, ranges inclusive."""
-    values: list[float] = []
-    for item in text.split(","):
-        parts = [float(part) for part in item.split(":")]
-        if len(parts) == 1:
-            values.append(parts[0])
-            continue
-        low, high = parts[0], parts[1]
-        step = parts[2] if len(parts) == 3 else 1.0
-        if step <= 0 or high < low:
-            raise SystemExit(f"error: invalid range {item!r}; write lo:hi or lo:hi:step with lo <= hi and step > 0")
-        count = int(math.floor((high - low) / step + 1e-9))
-        values.extend(round(low + i * step, 6) for i in range(count + 1))
-    if integer:
-        return [int(value) for value in values]
-    return values
 
 
 def main(argv: list[str] | None = None) -> int:

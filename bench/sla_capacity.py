@@ -39,7 +39,7 @@ import yaml
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import REPO, RESULTS, LoadSampler, machine_line, read_summary, run_runner
+from bench.common import REPO, RESULTS, LoadSampler, machine_line, parse_range, read_summary, run_runner
 from bench.engine_reference import engine_ttft
 from runner.metrics import summarize
 from runner.output import read_requests
@@ -58,20 +58,8 @@ DEFAULT_SEEDS = {"parallel": "0", "rate": "1,2,3"}
 
 
 def parse_values(text: str) -> list[float]:
-    """Parse ``4,8,12:20,24`` (``lo:hi`` steps by 1, ``lo:hi:step`` by step, both inclusive)."""
-    values: list[float] = []
-    for item in text.split(","):
-        parts = [float(part) for part in item.split(":")]
-        if len(parts) == 1:
-            values.append(parts[0])
-            continue
-        low, high = parts[0], parts[1]
-        step = parts[2] if len(parts) == 3 else 1.0
-        if step <= 0 or high < low:
-            raise SystemExit(f"error: invalid range {item!r} in --values; write lo:hi or lo:hi:step with lo <= hi, step > 0")
-        count = int(math.floor((high - low) / step + 1e-9))
-        values.extend(round(low + i * step, 6) for i in range(count + 1))
-    return sorted(set(values))
+    """Parse ``4,8,12:20,24`` as ``parse_range`` does; return the values sorted, without repeats."""
+    return sorted(set(parse_range(text)))
 
 
 def load_rule_set(name: str) -> list[RuleGroup]:

@@ -31,9 +31,8 @@ import pandas as pd
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, machine_line
-from bench.engine_reference import (DEFAULT_OUTPUT_TOKENS, DEFAULT_PROMPT_TOKENS, crossing, engine_sequences,
-                                    parse_range)
+from bench.common import RESULTS, machine_line, parse_range
+from bench.engine_reference import DEFAULT_OUTPUT_TOKENS, DEFAULT_PROMPT_TOKENS, crossing, engine_sequences
 from bench.sla_vs_plain import compose_config
 from runner.load import arrival_offsets
 from runner.metrics import describe
