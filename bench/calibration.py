@@ -1,4 +1,4 @@
-"""How close the self-calibrated client ceiling is to the ceiling the peer benchmark measures, and its cost.
+"""Distance of the self-calibrated client ceiling from the ceiling the peer benchmark measures, and its cost.
 
 Ceiling: each run is ``python -m runner`` as ``bench.peers`` runs it for its ceiling rows
 (2,000 requests of 100 prompt tokens and 64 output tokens, closed loop, against the

@@ -140,8 +140,8 @@ async def calibrate(config: RunConfig, prompts: Sequence[Prompt], count_tokens: 
     which sends the calibration load from that many worker processes like the run. A
     calibration that fails is logged as a warning and the run goes on without a ceiling.
     """
-    wanted, reason = calibration_decision(config)
-    if not wanted:
+    enabled, reason = calibration_decision(config)
+    if not enabled:
         log.info("client calibration skipped: %s", reason)
         return Calibration("skipped", reason)
     parallel = calibration_parallel(config)

@@ -97,10 +97,10 @@ def probe_plan(config: RunConfig, value: float, repeat: int, first_id: int = 0) 
                         seed=load.seed + repeat, first_id=first_id)
     seed = repeat_seed(load.seed, value, repeat)
     if search.variable is SearchVariable.parallel:
-        wanted = search.requests_per_unit * value
+        target_requests = search.requests_per_unit * value
     else:
-        wanted = search.rate_repeat_seconds * value
-    number = int(min(max(search.min_requests, math.ceil(wanted)), search.max_requests))
+        target_requests = search.rate_repeat_seconds * value
+    number = int(min(max(search.min_requests, math.ceil(target_requests)), search.max_requests))
     if search.variable is SearchVariable.parallel:
         # Warmup fills every slot once, so measured requests start on a busy server.
         return LoadPlan(parallel=int(value), rate=None, number=number, warmup=max(load.warmup, int(value)),

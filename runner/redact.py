@@ -43,8 +43,8 @@ def url_secrets(url: Optional[str]) -> list[str]:
     try:
         parts = urlsplit(url)
     except ValueError:
-        # An unparsable URL is rejected by the config check with its own message; no secret
-        # can be picked out of it, so the whole URL counts as one.
+        # The config check rejects an unparsable URL with its own message. No secret can be
+        # picked out of such a URL, so the whole URL is treated as one.
         return [url]
     values = [parts.password] if parts.password else []
     values += [value for name, value in parse_qsl(parts.query) if is_secret_header(name) and value]

@@ -10,7 +10,7 @@ before free, so no probe is lost and none is measured twice. New rows are append
 Secret header values were redacted from config.yaml, so pass them again as overrides
 (``endpoint.headers.Authorization=...``). Only settings that do not change what is measured
 can be overridden (see RESUMABLE_KEYS): new repeats are pooled with the old ones, so a
-different request shape, load or search would mix two experiments in one answer.
+different request shape, load or search would mix two experiments in one result.
 """
 
 from __future__ import annotations
