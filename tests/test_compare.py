@@ -311,3 +311,28 @@ def test_sweep_folder_with_summary_rejected(tmp_path, capsys):
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
     assert main([str(run_a), str(sweep)]) == 2
     assert "contains runs in subfolders (a sweep)" in capsys.readouterr().err
+
+
+def test_different_search_bounds_warn(tmp_path):
+    a = write_run(tmp_path / "a", [point(1)], config=composed("+sla=ttft_strict"))
+    b = write_run(tmp_path / "b", [point(1)], config=composed("+sla=ttft_strict", "search.upper_bound=64",
+                                                              "search.parallel_resolution=2"))
+    assert compare(a, b).warnings == [
+        "different search settings, so the SLA answers are not comparable: search.upper_bound 512 vs 64; "
+        "search.parallel_resolution 1 vs 2"]
+
+
+def test_search_bounds_ignored_without_sla(tmp_path):
+    a = write_run(tmp_path / "a", [point(1)], config=composed())
+    b = write_run(tmp_path / "b", [point(1)], config=composed("search.upper_bound=64"))
+    assert compare(a, b).warnings == []
+
+
+def test_cli_warning_stays_on_one_line(tmp_path):
+    a = write_run(tmp_path / "a", [point(1)], config=composed())
+    b = write_run(tmp_path / "b", [point(1)], config=composed("model.sim_profile=batch8-slow"))
+    buffer = io.StringIO()
+    assert main([str(a), str(b), "--out", str(tmp_path / "out")], console=Console(file=buffer, width=40)) == 0
+    assert ("warning: different simulated servers: model.sim_profile 'default' vs 'batch8-slow'"
+            in buffer.getvalue().splitlines())
+

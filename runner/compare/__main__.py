@@ -31,7 +31,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
             "Compare two run folders: every summary.csv metric at the load points both runs measured "
             "(matched on parallel and rate), and the SLA results matched on their criteria. Prints the "
             "tables and writes compare.csv and compare.md. Warns when the runs used other prompts, request "
-            "settings, output lengths, load settings, models or servers (simulated-server profile or seed)."
+            "settings, output lengths, load settings, SLA search settings, models or servers (simulated-server "
+            "profile or seed)."
         ),
     )
     parser.add_argument("run_a", type=Path, metavar="RUN_A", help="run folder A, the baseline")

@@ -3,8 +3,8 @@
 Load points present in both runs (matched on ``parallel`` and ``rate``) are compared metric by
 metric from summary.csv; SLA results are matched on their criteria from sla_summary.csv.
 Warnings say when the two runs did not measure the same thing: other prompts, request
-settings, output lengths, load settings, model or server (for the simulated server, its
-profile and seed).
+settings, output lengths, load settings, search settings, model or server (for the
+simulated server, its profile and seed).
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ REQUEST_KEYS = ("request.max_tokens", "request.min_tokens", "request.ignore_eos"
 LOAD_KEYS = ("load.number", "load.warmup", "load.duration")
 # ... and how many requests each probe of an SLA search sends.
 SEARCH_KEYS = ("load.warmup", "search.num_runs", "search.min_requests", "search.requests_per_unit",
-               "search.max_requests", "search.rate_parallel_cap")
+               "search.rate_repeat_seconds", "search.max_requests", "search.rate_parallel_cap")
+# Settings that decide where an SLA search looks and when it stops, and so its result.
+SEARCH_RANGE_KEYS = ("search.variable", "search.lower_bound", "search.upper_bound", "search.parallel_resolution",
+                     "search.rate_resolution", "search.max_extra_runs", "search.noise_band", "search.tail_noise")
 
 
 @dataclass
@@ -209,8 +212,16 @@ def api_path(config: dict[str, Any]) -> Optional[str]:
     return (urlsplit(url).path if "://" in url else url).rstrip("/") or "/"
 
 
+def _shown(value: Any) -> str:
+    """Return a setting as a warning shows it: whole numbers without ".0", strings quoted."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value)
+
+
 def _differences(a: dict[str, Any], b: dict[str, Any], keys: Sequence[str]) -> list[str]:
-    return [f"{key} {setting(a, key)!r} vs {setting(b, key)!r}" for key in keys if setting(a, key) != setting(b, key)]
+    return [f"{key} {_shown(setting(a, key))} vs {_shown(setting(b, key))}"
+            for key in keys if setting(a, key) != setting(b, key)]
 
 
 def mean_completion_tokens(run: RunData, use_requests: bool) -> Optional[float]:
@@ -292,7 +303,11 @@ def _load_warnings(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
         load += _differences(a, b, ("load.arrival",))
         if "gamma" in (setting(a, "load.arrival"), setting(b, "load.arrival")):
             load += _differences(a, b, ("load.burstiness",))
-    return ["different load settings: " + "; ".join(load)] if load else []
+    warnings = ["different load settings: " + "; ".join(load)] if load else []
+    search = _differences(a, b, SEARCH_RANGE_KEYS) if searched[0] else []
+    if search:
+        warnings.append("different search settings, so the SLA answers are not comparable: " + "; ".join(search))
+    return warnings
 
 
 def client_bound_warnings(a: RunData, b: RunData, metrics: pd.DataFrame) -> list[str]:

@@ -92,7 +92,8 @@ def write_files(comparison: Comparison, out_dir: Path) -> list[Path]:
 
 def print_comparison(comparison: Comparison, console: Console) -> None:
     for warning in comparison.warnings:
-        console.print(Text(f"warning: {warning}", style="yellow"))
+        # soft_wrap keeps each warning on one line, whole, however narrow the terminal.
+        console.print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
     for note in _notes(comparison):
         console.print(Text(note))
     if not comparison.metrics.empty:
