@@ -16,6 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from runner.sla.probe import answer_text
+
 TEXT_WIDTH = 120
 
 
@@ -127,14 +129,14 @@ def sla_table(rows: list[dict[str, Any]]) -> Table:
     for header in ("Criteria", "Variable", "Max Satisfied", "Bracket", "Probes", "Note"):
         table.add_column(header)
     for row in rows:
-        best = row.get("max_satisfied")
         if "->" in str(row["criteria"]):
             # An objective group's best load has no passing/failing bracket.
             bracket = "-"
         else:
             bracket = f"[{_load_label(row.get('last_pass'))}, {_load_label(row.get('first_fail'))})"
-        table.add_row(str(row["criteria"]), str(row["variable"]), "none" if best is None else f"{best:g}",
-                      bracket, str(row.get("probes", "")), str(row.get("note", "")))
+        best = answer_text(row.get("max_satisfied"), row.get("note", ""), row.get("last_pass"))
+        table.add_row(str(row["criteria"]), str(row["variable"]), best, bracket, str(row.get("probes", "")),
+                      str(row.get("note", "")))
     return table
 
 

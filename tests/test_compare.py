@@ -336,3 +336,13 @@ def test_cli_warning_stays_on_one_line(tmp_path):
     assert ("warning: different simulated servers: model.sim_profile 'default' vs 'batch8-slow'"
             in buffer.getvalue().splitlines())
 
+
+def test_interrupted_sla_answer_shown(tmp_path):
+    a = write_run(tmp_path / "a", [point(1)], sla_rows=[
+        {"criteria": "p99_ttft <= 0.1", "variable": "parallel", "max_satisfied": 16, "note": "Satisfied"}])
+    b = write_run(tmp_path / "b", [point(1)], sla_rows=[
+        {"criteria": "p99_ttft <= 0.1", "variable": "parallel", "max_satisfied": None,
+         "note": "interrupted: at least 8 passed"}])
+    write_files(compare(a, b), tmp_path / "out")
+    markdown = (tmp_path / "out" / "compare.md").read_text(encoding="utf-8")
+    assert "| p99_ttft \\<= 0.1 | parallel | 16 | interrupted |  | Satisfied | interrupted: at least 8 passed |" in markdown

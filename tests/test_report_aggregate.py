@@ -259,3 +259,19 @@ def test_large_sweep_reads_summaries_only(tmp_path, monkeypatch):
     assert not any(path.parent != tmp_path for path in written), "a 200-job sweep draws no per-job plots by default"
     # About 2 s on a shared 2-core VM; the bound leaves room for slower CI machines.
     assert elapsed < 15
+
+
+def test_comparison_shows_interrupted_search():
+    sla = pd.DataFrame([
+        {"job": "0", "model": "a", "criteria": "p99_ttft <= 0.05", "max_satisfied": math.nan,
+         "note": "interrupted: at least 8 passed", "last_pass": 8.0},
+        {"job": "1", "model": "b", "criteria": "p99_ttft <= 0.05", "max_satisfied": math.nan,
+         "note": "interrupted", "last_pass": math.nan},
+        {"job": "2", "model": "c", "criteria": "p99_ttft <= 0.05", "max_satisfied": math.nan,
+         "note": "failed at lower bound", "last_pass": math.nan},
+        {"job": "3", "model": "d", "criteria": "p99_ttft <= 0.05", "max_satisfied": 16.0,
+         "note": "Satisfied", "last_pass": 16.0},
+    ])
+    table = sla_comparison(sla, {"model": "model"})
+    assert table["p99_ttft <= 0.05"].tolist() == [
+        "8 so far (interrupted)", "none so far (interrupted)", "none", 16.0]

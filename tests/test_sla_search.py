@@ -480,3 +480,21 @@ def test_range_without_whole_number_rejected():
         "invalid search range [1.2, 1.8] for search.variable=parallel: pass search.lower_bound > 0 "
         "and search.upper_bound >= search.lower_bound with a whole number between them"
     )
+
+
+async def test_interrupted_answers_in_table():
+    from runner.console import render_text, sla_table
+
+    prober = FakeProber(block_at=48)
+    tuner = make_tuner([{"p99_ttft": "<=0.375"}, {"p99_ttft": "<=5"}], prober)
+    task = asyncio.create_task(tuner.run())
+    await asyncio.wait_for(prober.blocked.wait(), timeout=5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    text = render_text([sla_table([answer.to_row() for answer in tuner.answers()])])
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in text.splitlines() if "p99_ttft" in line]
+    # Columns: criteria, variable, max satisfied, bracket, probes, note.
+    assert [cells[2] for cells in rows] == ["32 so far (interrupted)", "none so far (interrupted)"]
+    assert [cells[5] for cells in rows] == ["interrupted: at least 32 passed", "interrupted"]

@@ -13,6 +13,7 @@ from rich.text import Text
 from runner.compare.diff import Comparison, load_label
 from runner.errors import RunnerError
 from runner.report.tables import markdown_table
+from runner.sla.probe import INTERRUPTED_NOTE
 
 CSV_COLUMNS = ["kind", "parallel", "rate", "criteria", "metric", "a", "b", "change", "relative_change",
                "note_a", "note_b", "message"]
@@ -26,8 +27,11 @@ def _percent(value: float) -> str:
     return "" if math.isnan(value) else f"{value:+.1%}"
 
 
-def _sla_value(value: float) -> str:
-    return "none" if math.isnan(value) else f"{value:g}"
+def _sla_value(value: float, note: str) -> str:
+    if not math.isnan(value):
+        return f"{value:g}"
+    # The note of an interrupted search gives the highest load that passed before it stopped.
+    return "interrupted" if note.startswith(INTERRUPTED_NOTE) else "none"
 
 
 def csv_frame(comparison: Comparison) -> pd.DataFrame:
@@ -50,7 +54,8 @@ def _display_metrics(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def _display_sla(sla: pd.DataFrame) -> pd.DataFrame:
-    rows = [{"criteria": row.criteria, "variable": row.variable, "A": _sla_value(row.a), "B": _sla_value(row.b),
+    rows = [{"criteria": row.criteria, "variable": row.variable, "A": _sla_value(row.a, row.note_a),
+             "B": _sla_value(row.b, row.note_b),
              "change": _number(row.change), "note A": row.note_a, "note B": row.note_b}
             for row in sla.itertuples()]
     return pd.DataFrame(rows, columns=["criteria", "variable", "A", "B", "change", "note A", "note B"])

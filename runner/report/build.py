@@ -143,7 +143,22 @@ def _shared_text(shared: dict[str, str]) -> str:
 def _comparison_caption(tables: SweepTables) -> str:
     variable = sla_variable(tables.sla)
     unit = f"the highest {variable}" if variable else "the highest value of each run's search variable"
-    return f"Cells hold {unit} meeting each rule set; 'none' means no load met it, empty means not run."
+    return (f"Cells hold {unit} meeting each rule set; 'none' means no load met it, 'so far (interrupted)' "
+            f"gives the highest load that passed before the search was stopped, and empty means not run.")
+
+
+def _count_line(results: list[RunResult]) -> str:
+    """Return the sentence that counts the jobs with results, interrupted and failed."""
+    failed = sum(r.failed for r in results)
+    interrupted = sum(bool(r.interrupted_by) and not r.failed for r in results)
+    counts = f"{len(results) - failed} with results"
+    if interrupted:
+        counts += f" ({interrupted} of them interrupted, so their results are partial)"
+    return f"{len(results)} jobs: {counts}, {failed} failed."
+
+
+def _damage_lines(results: list[RunResult]) -> list[str]:
+    return [f"job {r.folder.name}: {message}" for r in results for message in r.damage]
 
 
 def write_summary_markdown(path: Path, root: Path, results: list[RunResult], tables: SweepTables) -> Path:

@@ -11,6 +11,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from runner.report.aggregate import RunResult
+from runner.sla.probe import answer_text
 
 # Summary columns shown in the main tables, in this order. The report keeps the full table in a
 # collapsed section.
@@ -127,9 +128,13 @@ def sla_comparison(sla: pd.DataFrame, override_columns: dict[str, str]) -> pd.Da
     if frame.duplicated(subset=row_names + ["_column"]).any():
         row_names = row_names + ["job"]
     frame[row_names] = frame[row_names].fillna("").astype(str)
-    # "none" marks a rule set no load met; a cell left empty means that pair was not run.
+    # "none" marks a rule set no load met, and an interrupted search shows the highest load
+    # that passed before it stopped. A cell left empty means that pair was not run.
+    notes = frame["note"] if "note" in frame.columns else pd.Series("", index=frame.index)
+    last_pass = frame["last_pass"] if "last_pass" in frame.columns else pd.Series(math.nan, index=frame.index)
     values = frame["max_satisfied"]
-    frame["max_satisfied"] = values.astype(object).where(values.notna(), NO_LOAD)
+    texts = [answer_text(value, note, passed) for value, note, passed in zip(values, notes, last_pass)]
+    frame["max_satisfied"] = values.astype(object).where(values.notna(), pd.Series(texts, index=frame.index))
 
     table = frame.pivot(index=row_names, columns="_column", values="max_satisfied")
     table = table.reindex(columns=_first_seen(frame["_column"]))

@@ -120,6 +120,30 @@ class GroupAnswer:
         }
 
 
+# Start of the note of a rule group whose search a signal stopped before it converged.
+INTERRUPTED_NOTE = "interrupted"
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value == ""
+
+
+def answer_text(max_satisfied: object, note: object, last_pass: object) -> str:
+    """Return how a rule group's answer reads in a table.
+
+    That is the load, "none" when the search ended with no load meeting the group, or, for
+    an interrupted search, that it was interrupted and the highest load that passed so far.
+    Values may come from a GroupAnswer or from sla_summary.csv (NaN or "" for empty cells).
+    """
+    if not _missing(max_satisfied):
+        return f"{float(max_satisfied):g}"  # type: ignore[arg-type]
+    if str(note).startswith(INTERRUPTED_NOTE):
+        if _missing(last_pass):
+            return "none so far (interrupted)"
+        return f"{float(last_pass):g} so far (interrupted)"  # type: ignore[arg-type]
+    return "none"
+
+
 @dataclass(frozen=True)
 class TuneEvent:
     """Progress report of the search, for the console.

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from runner.config import RunConfig, SearchVariable
 from runner.errors import ConfigError
-from runner.sla.probe import GroupAnswer, Prober, ProbeResult, TuneEvent, Verdict
+from runner.sla.probe import INTERRUPTED_NOTE, GroupAnswer, Prober, ProbeResult, TuneEvent, Verdict
 from runner.sla.rules import RuleGroup
 
 logger = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ class SlaTuner:
             if state.started is not None:
                 seconds = (state.ended or time.monotonic()) - state.started
             last_pass = self._load(state.last_pass)
-            note = "interrupted" if last_pass is None else f"interrupted: at least {last_pass:g} passed"
+            note = INTERRUPTED_NOTE if last_pass is None else f"{INTERRUPTED_NOTE}: at least {last_pass:g} passed"
             answers.append(
                 GroupAnswer(
                     state.group.criteria,
