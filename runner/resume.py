@@ -6,6 +6,8 @@ prober's cache; rows of a repeat cut by the interruption are removed from reques
 (the old file is kept as ``requests.csv.before-resume``) and that repeat is measured again.
 The tuner then runs its search from the start, and the cache makes every point measured
 before free, so no probe is lost and none is measured twice. New rows are appended.
+The resume is logged to the folder's runner.log and listed under ``resumes`` in
+manifest.json: when it ran, which repeats it reused and which it discarded.
 
 Secret header values were redacted from config.yaml, so pass them again as overrides
 (``endpoint.headers.Authorization=...``). Only settings that do not change what is measured
@@ -22,18 +24,22 @@ import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from runner.config import RunConfig
+from runner.config import RunConfig, SearchVariable
 from runner.errors import ConfigError, DataError, RunnerError
 from runner.interrupt import Interrupted, install_handlers
+from runner.manifest import now_iso
 from runner.output import read_requests
 from runner.prober import PROBES_FILE
+from runner.redact import redact_argv, secret_values
 
-log = logging.getLogger(__name__)
+# Named, because ``python -m runner.resume`` runs this module as __main__.
+log = logging.getLogger("runner.resume")
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 BACKUP_SUFFIX = ".before-resume"
 
@@ -93,8 +99,12 @@ def _row_key(row: dict[str, str]) -> tuple[float, int]:
     return float(row["value"]), int(row["repeat"])
 
 
-def prune(run_dir: Path) -> tuple[dict[tuple[float, int], dict[str, Any]], int]:
-    """Drop rows and probe lines of unfinished repeats; return the finished repeats and the next free id."""
+def prune(run_dir: Path) -> tuple[dict[tuple[float, int], dict[str, Any]], int, dict[tuple[float, int], int]]:
+    """Drop rows and probe lines of unfinished repeats.
+
+    Returns the finished repeats, the next free request id and the number of rows dropped
+    for each unfinished (value, repeat).
+    """
     requests_path = run_dir / "requests.csv"
     probes_path = run_dir / PROBES_FILE
     if not requests_path.is_file():
@@ -112,6 +122,7 @@ def prune(run_dir: Path) -> tuple[dict[tuple[float, int], dict[str, Any]], int]:
     next_id = max([next_id] + [int(item.get("last_id", -1)) + 1 for item in probes.values()])
 
     kept = [row for row in rows if _row_key(row) in finished]
+    dropped = {key: count for key, count in counts.items() if key not in finished}
     if len(kept) != len(rows) or len(finished) != len(probes):
         shutil.copyfile(requests_path, requests_path.with_name(requests_path.name + BACKUP_SUFFIX))
         with requests_path.open("w", newline="", encoding="utf-8") as handle:
@@ -121,8 +132,45 @@ def prune(run_dir: Path) -> tuple[dict[tuple[float, int], dict[str, Any]], int]:
         with probes_path.open("w", encoding="utf-8") as handle:
             for item in finished.values():
                 handle.write(json.dumps(item) + "\n")
-        log.info("dropped %s rows of unfinished repeats from %s", len(rows) - len(kept), requests_path)
-    return finished, next_id
+        log.info("dropped %s rows of unfinished repeats from %s and kept the previous file as %s%s",
+                 len(rows) - len(kept), requests_path, requests_path.name, BACKUP_SUFFIX)
+    return finished, next_id, dropped
+
+
+def _load_value(value: float, config: RunConfig) -> float:
+    """Return a load value as the search uses it: an int concurrency for a parallel search."""
+    return int(value) if config.search.variable is SearchVariable.parallel else value
+
+
+def _repeats_text(repeats: dict[float, list[int]], variable: str) -> str:
+    """Return "parallel=2 #0 #1, parallel=4 #0" for the repeats of each load value, or "none"."""
+    points = (f"{variable}={value:g} " + " ".join(f"#{number}" for number in numbers)
+              for value, numbers in sorted(repeats.items()))
+    return ", ".join(points) or "none"
+
+
+def _by_value(pairs: Iterable[tuple[float, int]], config: RunConfig) -> dict[float, list[int]]:
+    grouped: dict[float, list[int]] = {}
+    for value, repeat in pairs:
+        grouped.setdefault(_load_value(value, config), []).append(repeat)
+    return {value: sorted(repeats) for value, repeats in sorted(grouped.items())}
+
+
+def _restore(resumed: Any, run_dir: Path, finished: dict[tuple[float, int], dict[str, Any]],
+             config: RunConfig) -> list[tuple[float, int]]:
+    """Load the finished repeats into ``resumed``; return the (value, repeat) pairs reused."""
+    frame = read_requests(run_dir / "requests.csv")
+    reused: list[tuple[float, int]] = []
+    for value in sorted({value for value, _ in finished}):
+        repeats = sorted(repeat for v, repeat in finished if v == value)
+        # Only a run of repeats 0..n-1 can be reused as it is; a gap is measured again.
+        count = next((i for i, repeat in enumerate(repeats) if repeat != i), len(repeats))
+        selected = frame[(frame["value"] == value) & (frame["repeat"] < count)]
+        lag = [sample for repeat in range(count) for sample in finished[(value, repeat)].get("loop_lag", [])]
+        # Keys typed as the search uses them, so summary.csv and the tables show 16, not 16.0.
+        resumed.points[_load_value(value, config)] = (count, selected.to_dict("records"), lag)
+        reused += [(value, repeat) for repeat in range(count)]
+    return reused
 
 
 def resume(run_dir: Path, overrides: list[str]) -> int:
@@ -131,18 +179,37 @@ def resume(run_dir: Path, overrides: list[str]) -> int:
     config = load_config(run_dir, overrides)
     if config.sla is None:
         raise ConfigError(f"{run_dir} is not an SLA tune (no sla in its config); only tunes can be resumed")
-    finished, next_id = prune(run_dir)
+    started_at = now_iso()
+    finished, next_id, dropped = prune(run_dir)
     resumed = Resumed(next_id=next_id)
-    frame = read_requests(run_dir / "requests.csv")
-    for value in sorted({value for value, _ in finished}):
-        repeats = sorted(repeat for v, repeat in finished if v == value)
-        # Only a run of repeats 0..n-1 can be reused as it is; a gap is measured again.
-        count = next((i for i, repeat in enumerate(repeats) if repeat != i), len(repeats))
-        selected = frame[(frame["value"] == value) & (frame["repeat"] < count)]
-        lag = [sample for repeat in range(count) for sample in finished[(value, repeat)].get("loop_lag", [])]
-        resumed.points[value] = (count, selected.to_dict("records"), lag)
-    log.info("resuming %s with %s finished repeats", run_dir, sum(p[0] for p in resumed.points.values()))
+    kept = _by_value(_restore(resumed, run_dir, finished, config), config)
+    # NOTE: a finished repeat after a gap is neither reused nor removed from requests.csv, so
+    # if the search measures it again, requests.csv contains both copies.
+    discarded = _by_value(dropped, config)
+    variable = config.search.variable.value
+    secrets = secret_values(config.endpoint.headers, config.endpoint.api_key_env, config.endpoint.url)
+    resumed.record = {
+        "command": [Path(sys.executable).name, "-m", "runner.resume", *redact_argv(sys.argv[1:], secrets)],
+        "variable": variable,
+        # Load value -> repeat numbers.
+        "kept_repeats": {f"{value:g}": repeats for value, repeats in kept.items()},
+        "discarded_repeats": {f"{value:g}": repeats for value, repeats in discarded.items()},
+        "dropped_rows": sum(dropped.values()),
+        "requests_backup": f"requests.csv{BACKUP_SUFFIX}" if dropped else None,
+    }
+    log.info("resuming %s at %s: reusing the finished repeats %s and discarding the unfinished repeats %s, "
+             "which the search measures again if it needs them", run_dir, started_at,
+             _repeats_text(kept, variable), _repeats_text(discarded, variable))
     return execute(config, run_dir, resumed=resumed)
+
+
+def _log_to_run_folder(run_dir: Path) -> None:
+    """Append this process's log records to the run folder's runner.log, as the first run wrote them."""
+    if not run_dir.is_dir():
+        return  # load_config reports the missing folder
+    handler = logging.FileHandler(run_dir / "runner.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="key=value settings merged over the saved config: endpoint.headers.*, endpoint.url, "
                              "endpoint.api_key_env or progress")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format=LOG_FORMAT)
+    _log_to_run_folder(args.run_dir)
     install_handlers()
     try:
         return resume(args.run_dir, args.overrides)

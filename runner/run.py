@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -51,6 +53,8 @@ class Resumed:
     points: dict[float, tuple[int, list[dict[str, Any]], list[float]]] = field(default_factory=dict)
     # First request id free for new requests.
     next_id: int = 0
+    # What this resume did, appended to the "resumes" list of manifest.json.
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -183,16 +187,26 @@ def execute(config: RunConfig, out_dir: Path, console: Optional[Console] = None,
     stop = SignalStop()
     try:
         _run_event_loop(_measure(config, out_dir, console, result, resumed), stop)
+    except KeyboardInterrupt:
+        # SIGINT outside the event loop, which handles it itself while it runs.
+        stop.signum = stop.signum or signal.SIGINT
+        raise
+    except Interrupted as exc:
+        stop.signum = stop.signum or exc.signum
+        raise
     finally:
+        if stop.signum is not None:
+            result["interrupted_by"] = signal.Signals(stop.signum).name
         # A signal during the reports is held until they are written.
         with signals_deferred(stop):
-            _finish(config, result, out_dir, console)
+            _finish(config, result, out_dir, console, resumed)
     if stop.signum is not None:
         raise Interrupted(stop.signum)
     return 0
 
 
-def _finish(config: RunConfig, result: dict[str, Any], out_dir: Path, console: Console) -> None:
+def _finish(config: RunConfig, result: dict[str, Any], out_dir: Path, console: Console,
+            resumed: Optional[Resumed] = None) -> None:
     result["ended_at"] = now_iso()
     try:
         if "prober" in result:
@@ -201,10 +215,14 @@ def _finish(config: RunConfig, result: dict[str, Any], out_dir: Path, console: C
         if "prober" in result:
             result["prober"].remove_scratch()
         secrets = secret_values(config.endpoint.headers, config.endpoint.api_key_env, config.endpoint.url)
-        write_manifest(out_dir / "manifest.json", {
-            "runner_command": [Path(sys.executable).name, "-m", "runner", *redact_argv(sys.argv[1:], secrets)],
-            "started_at": result["started_at"],
+        command = [Path(sys.executable).name, "-m", "runner", *redact_argv(sys.argv[1:], secrets)]
+        history = {"runner_command": command, "started_at": result["started_at"], "resumes": []}
+        if resumed is not None:
+            history = _resume_history(out_dir / "manifest.json", history, resumed, result)
+        write_manifest(out_dir / "manifest.json", history | {
             "ended_at": result["ended_at"],
+            # Name of the signal that stopped this run (or its last resume), null when it ended by itself.
+            "interrupted_by": result.get("interrupted_by"),
             "url": redact_text(result["url"], secrets) if result.get("url") else None,
             "preflight": result.get("preflight"),
             "server_models": result.get("server_models"),
@@ -214,6 +232,28 @@ def _finish(config: RunConfig, result: dict[str, Any], out_dir: Path, console: C
             "calibration": result.get("calibration"),
             "requests_written": result["prober"].writer.rows_written if "prober" in result else 0,
         })
+
+
+def _resume_history(path: Path, fresh: dict[str, Any], resumed: Resumed, result: dict[str, Any]) -> dict[str, Any]:
+    """Return the manifest fields that describe the run across resumes.
+
+    The first run's command and start time are kept, and this resume is appended to
+    ``resumes``, so the manifest records when the run was resumed and which repeats it reused.
+    """
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read %s, so the first run's command and start time are lost: %s", path, exc)
+        previous = {}
+    if not isinstance(previous, dict):
+        previous = {}
+    record = resumed.record | {"started_at": result["started_at"], "ended_at": result["ended_at"],
+                               "interrupted_by": result.get("interrupted_by")}
+    return {
+        "runner_command": previous.get("runner_command", fresh["runner_command"]),
+        "started_at": previous.get("started_at", fresh["started_at"]),
+        "resumes": [*(previous.get("resumes") or []), record],
+    }
 
 
 def _run_event_loop(coroutine: Any, stop: SignalStop) -> None:

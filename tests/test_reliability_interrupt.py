@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -79,7 +80,8 @@ def test_signal_writes_results(tmp_path, signum, mode):
     requests = pd.read_csv(out_dir / "requests.csv")
     assert len(requests) >= summary["requests"].sum()
     assert (out_dir / "performance_summary.txt").read_text().strip()
-    assert (out_dir / "manifest.json").is_file()
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert manifest["interrupted_by"] == signal.Signals(signum).name
     if mode == "tune":
         sla = pd.read_csv(out_dir / "sla_summary.csv")
         assert sla["note"].str.startswith("interrupted").tolist() == [True]

@@ -70,6 +70,13 @@ def test_resume_matches_uninterrupted(tmp_path, profile):
     assert process.returncode == 130, stderr
     finished_before = {(line["value"], line["repeat"]) for line in probe_lines(cut)}
     assert len(finished_before) >= 3
+    interrupted = pd.read_csv(cut / "sla_summary.csv").iloc[0]
+    # Parallel 2 passed with both its repeats before the signal, 4 had not finished.
+    assert interrupted["last_pass"] >= 2
+    table = (cut / "performance_summary.txt").read_text()
+    assert f"{interrupted['last_pass']:g} so far (interrupted)" in table
+    first_manifest = json.loads((cut / "manifest.json").read_text())
+    assert first_manifest["interrupted_by"] == "SIGINT"
 
     resumed = subprocess.run([sys.executable, "-m", "runner.resume", str(cut)], cwd=REPO, capture_output=True,
                              text=True, timeout=200)
@@ -85,6 +92,26 @@ def test_resume_matches_uninterrupted(tmp_path, profile):
     assert counts == {(float(line["value"]), line["repeat"]): line["requests"] for line in lines}
     assert requests["request_id"].is_unique
     assert (cut / ("requests.csv" + ".before-resume")).is_file()
+
+    manifest = json.loads((cut / "manifest.json").read_text())
+    assert manifest["started_at"] == first_manifest["started_at"]
+    assert manifest["runner_command"] == first_manifest["runner_command"]
+    assert manifest["interrupted_by"] is None
+    (record,) = manifest["resumes"]
+    assert record["command"][1:] == ["-m", "runner.resume", str(cut)]
+    kept = {(float(value), repeat) for value, repeats in record["kept_repeats"].items() for repeat in repeats}
+    assert kept == finished_before
+    discarded = {(float(value), repeat) for value, repeats in record["discarded_repeats"].items()
+                 for repeat in repeats}
+    assert discarded and not discarded & kept
+    assert record["requests_backup"] == "requests.csv.before-resume"
+    assert record["started_at"] > first_manifest["ended_at"]
+    log = (cut / "runner.log").read_text()
+    assert f"resuming {cut} at {record['started_at'][:10]}" in log
+    assert "reusing the finished repeats parallel=2 #0 #1" in log
+    # Concurrencies restored from probes.jsonl are written as integers, never 2.000000.
+    summary_lines = (cut / "summary.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in summary_lines[1:]] == ["2", "4", "5", "6", "8"]
 
 
 @pytest.mark.parametrize("override", ["request.max_tokens=64", "search.upper_bound=12", "+load.warmup=3"])
