@@ -27,9 +27,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from runner import sweep
 from runner.config import RunConfig
 from runner.errors import ConfigError, RunnerError
 from runner.schema import find_unknown_key, schema_keys, section_schema, unknown_key_hint
+from runner.sweep import JOB_ERROR_FILE
 
 
 log = logging.getLogger("runner")
@@ -116,16 +118,13 @@ def _apply_override(override: Any, cfg: DictConfig) -> None:
     ConfigLoaderImpl._apply_overrides_to_config([override], cfg)
 
 
-# Name of the file in which a multirun job leaves its one-line error for the aggregation.
-JOB_ERROR_FILE = "error.txt"
-
-
 class AggregateReports(Callback):
     """Check every job of a multirun before the first starts, and aggregate when it ends.
 
-    Hydra 1.3 skips ``on_multirun_end`` when a job raises, so jobs never raise: a failed job
-    leaves ``error.txt`` in its folder, and this callback lists it and exits with status 2
-    after the aggregation, the status each such job would have had as a single run.
+    Hydra 1.3 skips ``on_multirun_end`` when a job raises, so jobs raise only for a signal,
+    after which ``main`` aggregates instead. A failed job leaves ``error.txt`` in its folder,
+    and this callback lists it and exits with status 2 after the aggregation, the status
+    each such job would have had as a single run.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
@@ -140,15 +139,10 @@ class AggregateReports(Callback):
             for line in problems:
                 print(f"error: {redact_text(line, secrets)}", file=sys.stderr)
             sys.exit(2)
+        sweep.record_start(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: object) -> None:
-        from runner.report import build_report
-
-        sweep_dir = Path(config.hydra.sweep.dir)
-        for path in build_report(sweep_dir):
-            print(f"wrote {path}")
-        failed = sorted((p.parent.name for p in sweep_dir.glob(f"*/{JOB_ERROR_FILE}")),
-                        key=lambda name: (not name.isdigit(), int(name) if name.isdigit() else 0, name))
+        failed = sweep.aggregate(Path(config.hydra.sweep.dir))
         if failed:
             print(f"error: {len(failed)} job(s) failed: {', '.join(failed)}; see {JOB_ERROR_FILE} in each",
                   file=sys.stderr)
@@ -314,6 +308,8 @@ def hydra_main(cfg: DictConfig) -> None:
     except (KeyboardInterrupt, Interrupted) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         print(f"interrupted by {signal.Signals(signum).name}: what was measured is in {out_dir}", file=sys.stderr)
+        if in_sweep:
+            raise  # main aggregates the sweep, which stops here
         sys.exit(128 + signum)
     if code:
         sys.exit(code)
@@ -405,6 +401,27 @@ def _debug_requested(argv: list[str]) -> bool:
     return any(arg.lower() in ("debug=true", "debug=1", "debug=yes", "debug=on") for arg in argv)
 
 
+def _aggregate_interrupted_sweep(signum: int) -> None:
+    """Write the sweep-level report of a multirun that a signal stopped, from the jobs that ran.
+
+    A second signal during the aggregation is held until it is written, like the reports of
+    a single run.
+    """
+    from runner.interrupt import SignalStop, signals_deferred
+
+    sweep_dir = sweep.started_sweep()
+    if sweep_dir is None or not sweep_dir.is_dir():
+        return  # not a multirun, or stopped before its first job
+    with signals_deferred(SignalStop()):
+        try:
+            sweep.aggregate(sweep_dir)
+        except RunnerError as exc:
+            print(f"error: the interrupted sweep has no report: {exc}", file=sys.stderr)
+            return
+    print(f"sweep interrupted by {signal.Signals(signum).name}: the report in {sweep_dir} covers the jobs "
+          f"that ran, and the job that was stopped is marked interrupted", file=sys.stderr)
+
+
 def main() -> None:
     """Entry point of ``python -m runner``: Hydra, with its errors on one line and signals handled."""
     from runner.interrupt import Interrupted, install_handlers
@@ -419,12 +436,11 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         hydra_main()
-    except KeyboardInterrupt:
-        print("interrupted by SIGINT", file=sys.stderr)
-        sys.exit(130)
-    except Interrupted as exc:
-        print(f"interrupted by {signal.Signals(exc.signum).name}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        _aggregate_interrupted_sweep(signum)
+        print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        sys.exit(128 + signum)
     except (HydraException, OmegaConfBaseException, ValueError, AssertionError) as exc:
         if debug or not _is_hydra_error(exc):
             raise

@@ -143,8 +143,21 @@ def write_summary(rows: list[dict[str, Any]], path: Path) -> pd.DataFrame:
     ordered = [c for c in SUMMARY_COLUMNS if c in frame.columns]
     extra = [c for c in frame.columns if c not in ordered]
     frame = frame[ordered + extra]
-    frame.to_csv(path, index=False, float_format="%.6f")
+    # Concurrency is a count, so 16 is written as 16 and not 16.000000, even when it was a float.
+    written = frame.assign(parallel=integral_column(frame["parallel"])) if "parallel" in frame.columns else frame
+    written.to_csv(path, index=False, float_format="%.6f")
     return frame
+
+
+def integral_column(column: pd.Series) -> pd.Series:
+    """Return ``column`` with whole floats as ints (object dtype), so CSV files show 16, not 16.0.
+
+    Other values, empty cells included, are returned unchanged.
+    """
+    if not pd.api.types.is_float_dtype(column):
+        return column
+    values = [int(value) if math.isfinite(value) and value.is_integer() else value for value in column]
+    return pd.Series(values, index=column.index, dtype=object, name=column.name)
 
 
 def read_requests(path: Path) -> pd.DataFrame:

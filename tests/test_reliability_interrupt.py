@@ -85,6 +85,45 @@ def test_signal_writes_results(tmp_path, signum, mode):
     if mode == "tune":
         sla = pd.read_csv(out_dir / "sla_summary.csv")
         assert sla["note"].str.startswith("interrupted").tolist() == [True]
+        # No probe of 100,000 requests finished, so no load has passed yet.
+        assert sla["last_pass"].isna().all()
+        assert "none so far (interrupted)" in (out_dir / "performance_summary.txt").read_text()
+
+
+SWEEP = ["progress=false", "model.sim_profile=fast", "load.parallel=4", "request.max_tokens=16",
+         "dataset.min_prompt_length=16", "dataset.max_prompt_length=16", "dataset.num_prompts=16",
+         "load.number=40,1000000,50"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_in_sweep_aggregates(tmp_path, signum):
+    sweep_dir = tmp_path / "sweep"
+    process = subprocess.Popen([sys.executable, "-m", "runner", "-m", f"hydra.sweep.dir={sweep_dir}", *SWEEP],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Job 0 sends 40 requests; job 1 would send a million, so it is running when the signal comes.
+        wait_for_rows(sweep_dir / "1", process)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert process.returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr
+    assert f"sweep interrupted by {signal.Signals(signum).name}" in stderr
+    assert not (sweep_dir / "2").exists()
+    summary = pd.read_csv(sweep_dir / "summary.csv", dtype={"job": str})
+    assert summary["job"].tolist() == ["0", "1"]
+    assert summary["job_status"].tolist() == ["ok", f"interrupted by {signal.Signals(signum).name}"]
+    assert summary["requests"].iloc[0] == 40
+    assert 0 < summary["requests"].iloc[1] < 1000000
+    markdown = (sweep_dir / "summary.md").read_text()
+    assert "2 jobs: 2 with results (1 of them interrupted, so their results are partial), 0 failed." in markdown
+    assert f"| 1 | 1000000 | interrupted by {signal.Signals(signum).name} | 1 | 0 |  |" in markdown
+    assert (sweep_dir / "report.html").is_file()
 
 
 @pytest.mark.timeout(60)

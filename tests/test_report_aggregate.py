@@ -1,5 +1,6 @@
 """Sweep aggregation: stacked CSVs with override columns, comparison tables, failed jobs."""
 
+import json
 import math
 import time
 
@@ -261,6 +262,43 @@ def test_large_sweep_reads_summaries_only(tmp_path, monkeypatch):
     assert elapsed < 15
 
 
+def write_manifest(run_dir, interrupted_by):
+    (run_dir / "manifest.json").write_text(json.dumps({"interrupted_by": interrupted_by}), encoding="utf-8")
+
+
+def test_interrupted_job_marked(tmp_path):
+    make_run(tmp_path / "0", loads=(1, 2), overrides=["model=a"])
+    write_manifest(tmp_path / "0", None)
+    make_run(tmp_path / "1", loads=(1,), overrides=["model=b"])
+    write_manifest(tmp_path / "1", "SIGTERM")
+    build_report(tmp_path, run_plots=False)
+
+    markdown = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert "2 jobs: 2 with results (1 of them interrupted, so their results are partial), 0 failed." in markdown
+    assert "| 0 | a | ok | 2 | 0 |  |" in markdown
+    assert "| 1 | b | interrupted by SIGTERM | 1 | 0 |  |" in markdown
+    summary = pd.read_csv(tmp_path / "summary.csv", dtype={"job": str})
+    assert summary["job_status"].tolist() == ["ok", "ok", "interrupted by SIGTERM"]
+    assert list(summary.columns[:3]) == ["job", "model", "job_status"]
+
+
+def test_sweep_csv_loads_are_integers(tmp_path):
+    # A resumed job's summary.csv held its concurrency as 16.000000, and an interrupted
+    # group leaves first_fail empty, which pandas reads as a float column.
+    make_run(tmp_path / "0", loads=(16,), overrides=["model=a"], sla_rows=[
+        {**sla_row("p99_ttft <= 0.05", None), "note": "interrupted: at least 8 passed", "last_pass": 8,
+         "first_fail": None}])
+    text = (tmp_path / "0" / "summary.csv").read_text(encoding="utf-8")
+    (tmp_path / "0" / "summary.csv").write_text(text.replace("\n16,", "\n16.000000,"), encoding="utf-8")
+    build_report(tmp_path, run_plots=False)
+
+    summary_lines = (tmp_path / "summary.csv").read_text(encoding="utf-8").splitlines()
+    assert summary_lines[1].startswith("0,a,ok,16,,100,")
+    sla_lines = (tmp_path / "sla_summary.csv").read_text(encoding="utf-8").splitlines()
+    assert sla_lines[0].endswith("last_pass,first_fail")
+    assert sla_lines[1].endswith(",8,")
+
+
 def test_comparison_shows_interrupted_search():
     sla = pd.DataFrame([
         {"job": "0", "model": "a", "criteria": "p99_ttft <= 0.05", "max_satisfied": math.nan,
@@ -275,3 +313,4 @@ def test_comparison_shows_interrupted_search():
     table = sla_comparison(sla, {"model": "model"})
     assert table["p99_ttft <= 0.05"].tolist() == [
         "8 so far (interrupted)", "none so far (interrupted)", "none", 16.0]
+

@@ -4,7 +4,7 @@ import csv
 import math
 
 from runner.metrics import REQUEST_COLUMNS
-from runner.output import FLUSH_ROWS, RequestsWriter, read_requests
+from runner.output import FLUSH_ROWS, RequestsWriter, read_requests, write_summary
 
 
 def row(request_id: int, error: str, itl: list[float], ttft: float = 0.5) -> dict:
@@ -47,3 +47,12 @@ def test_writer_flushes_every_batch(tmp_path):
     frame = read_requests(path)
     assert writer.rows_written == len(frame) == FLUSH_ROWS + 1
     assert frame["itl"].iloc[-1] == [0.5]
+
+
+def test_summary_writes_parallel_as_integer(tmp_path):
+    path = tmp_path / "summary.csv"
+    write_summary([{"parallel": 16.0, "rate": math.nan, "requests": 100, "rps": 2.5},
+                   {"parallel": math.nan, "rate": 8.0, "requests": 50, "rps": 7.75}], path)
+    assert path.read_text(encoding="utf-8").splitlines() == [
+        "parallel,rate,requests,rps", "16,,100,2.500000", ",8.000000,50,7.750000"]
+

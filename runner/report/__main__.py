@@ -18,9 +18,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         description=(
             "Build the report of a run or sweep folder. A run folder gets PNG plots and report.html. "
             "A sweep (Hydra multirun) folder, or any folder whose subfolders are runs, gets at its top "
-            "summary.csv and sla_summary.csv with every job's rows plus a 'job' column and one column per "
-            "override key, summary.md, sweep-level plots and report.html. Only summary.csv files are read; "
-            "a run without one gets it rebuilt from its requests.csv. Jobs without results are listed as failed."
+            "summary.csv and sla_summary.csv with every job's rows plus a 'job' column, one column per "
+            "override key and a 'job_status' column, summary.md, sweep-level plots and report.html. Only "
+            "summary.csv files are read; a run without one gets it rebuilt from its requests.csv. Jobs without results are listed as failed, and jobs "
+            "stopped by a signal as interrupted."
         ),
     )
     parser.add_argument("dir", type=Path, metavar="DIR", help="run folder, sweep folder or folder of run folders")

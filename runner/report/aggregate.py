@@ -7,6 +7,7 @@ next report of the same folder is fast again.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any, Optional
 import pandas as pd
 
 from runner.metrics import summarize
-from runner.output import read_requests, write_summary
+from runner.output import integral_column, read_requests, write_summary
 from runner.report.folders import RunFolder, read_config, read_text
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ class RunResult:
     error: Optional[str] = None
     # Files written while loading: summary.csv rebuilt from requests.csv.
     written: list[Path] = field(default_factory=list)
+    # Name of the signal that stopped the run (manifest.json's interrupted_by), None when none did.
+    interrupted_by: Optional[str] = None
 
     @property
     def failed(self) -> bool:
@@ -44,6 +47,18 @@ class RunResult:
     @property
     def rebuilt(self) -> bool:
         return bool(self.written)
+
+    @property
+    def status(self) -> str:
+        """Return the job's status as the report tables show it."""
+        if self.failed:
+            return "failed"
+        parts = []
+        if self.interrupted_by:
+            parts.append(f"interrupted by {self.interrupted_by}")
+        if self.rebuilt:
+            parts.append("rebuilt from requests.csv")
+        return ", ".join(parts) or "ok"
 
 
 def _read_csv(path: Path) -> Optional[pd.DataFrame]:
@@ -95,41 +110,56 @@ def _failure_reason(run_dir: Path, default: str) -> str:
     return text.strip() if text and text.strip() else default
 
 
+def _interrupted_by(run_dir: Path) -> Optional[str]:
+    """Return the signal named in manifest.json's interrupted_by, or None."""
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = manifest.get("interrupted_by") if isinstance(manifest, dict) else None
+    return str(name) if name else None
+
+
 def load_run(folder: RunFolder) -> RunResult:
     """Read one run's summary.csv and sla_summary.csv, rebuilding the summary when missing."""
     run_dir = folder.path
     sla_path = run_dir / "sla_summary.csv"
     sla = _read_csv(sla_path) if sla_path.is_file() else None
+    interrupted_by = _interrupted_by(run_dir)
+    requests_path = run_dir / "requests.csv"
 
     summary_path = run_dir / "summary.csv"
     if summary_path.is_file():
         summary = _read_csv(summary_path)
         if summary is not None:
-            return RunResult(folder, summary, sla)
-        return RunResult(folder, None, sla, error=_failure_reason(run_dir, "summary.csv cannot be read"))
+            return RunResult(folder, summary, sla, interrupted_by=interrupted_by)
+        return RunResult(folder, None, sla, error=_failure_reason(run_dir, "summary.csv cannot be read"),
+                         interrupted_by=interrupted_by)
 
-    if (run_dir / "requests.csv").is_file():
+    if requests_path.is_file():
         try:
             summary = rebuild_summary(run_dir)
         except (OSError, ValueError, KeyError, pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
             reason = f"summary.csv missing and requests.csv unusable: {exc}"
-            return RunResult(folder, None, sla, error=_failure_reason(run_dir, reason))
+            return RunResult(folder, None, sla, error=_failure_reason(run_dir, reason),
+                             interrupted_by=interrupted_by)
         log.info("rebuilt %s from requests.csv", summary_path)
-        return RunResult(folder, summary, sla, written=[summary_path])
+        return RunResult(folder, summary, sla, written=[summary_path], interrupted_by=interrupted_by)
 
-    return RunResult(folder, None, sla, error=_failure_reason(run_dir, "no summary.csv: the job did not finish"))
+    return RunResult(folder, None, sla, error=_failure_reason(run_dir, "no summary.csv: the job did not finish"),
+                     interrupted_by=interrupted_by)
 
 
 def override_columns(results: list[RunResult], reserved: set[str]) -> dict[str, str]:
     """Map each override key, in order of first appearance, to its column name.
 
-    A key that clashes with a result column or with ``job`` gets an ``override.`` prefix.
+    A key that clashes with a result column, ``job`` or ``job_status`` gets an ``override.`` prefix.
     """
     columns: dict[str, str] = {}
     for result in results:
         for key in result.folder.overrides:
             if key not in columns:
-                columns[key] = f"override.{key}" if key in reserved or key == "job" else key
+                columns[key] = f"override.{key}" if key in reserved or key in ("job", "job_status") else key
     return columns
 
 
@@ -140,17 +170,28 @@ def _stack(frames: list[pd.DataFrame], results: list[RunResult], columns: dict[s
         leading = {"job": result.folder.name}
         for key, column in columns.items():
             leading[column] = result.folder.overrides.get(key, "")
+        leading["job_status"] = result.status
         for position, (column, value) in enumerate(leading.items()):
             frame.insert(position, column, value)
         labelled.append(frame)
     if not labelled:
-        return pd.DataFrame(columns=["job", *columns.values()])
+        return pd.DataFrame(columns=["job", *columns.values(), "job_status"])
     return pd.concat(labelled, ignore_index=True, sort=False)
+
+
+# Load columns of the sweep tables; a concurrency, and the load an SLA group found, are counts.
+LOAD_COLUMNS = ("parallel", "max_satisfied", "last_pass", "first_fail")
+
+
+def write_table(frame: pd.DataFrame, path: Path) -> None:
+    """Write a sweep table as CSV, with whole load values as integers (16, not 16.0)."""
+    loads = {column: integral_column(frame[column]) for column in LOAD_COLUMNS if column in frame.columns}
+    frame.assign(**loads).to_csv(path, index=False)
 
 
 @dataclass
 class SweepTables:
-    """Every job's rows, labelled with ``job`` and one column per override key."""
+    """Every job's rows, labelled with ``job``, one column per override key and ``job_status``."""
 
     summary: pd.DataFrame
     sla: pd.DataFrame

@@ -16,7 +16,7 @@ import pandas as pd
 
 from runner.errors import RunnerError
 from runner.report import plots
-from runner.report.aggregate import RunResult, SweepTables, combine_runs, load_run
+from runner.report.aggregate import RunResult, SweepTables, combine_runs, load_run, write_table
 from runner.report.folders import Layout, find_layout, read_text
 from runner.report.html import Page
 from runner.report.run_report import sla_variable, write_run_report
@@ -157,10 +157,6 @@ def _count_line(results: list[RunResult]) -> str:
     return f"{len(results)} jobs: {counts}, {failed} failed."
 
 
-def _damage_lines(results: list[RunResult]) -> list[str]:
-    return [f"job {r.folder.name}: {message}" for r in results for message in r.damage]
-
-
 def write_summary_markdown(path: Path, root: Path, results: list[RunResult], tables: SweepTables) -> Path:
     """Write summary.md: job status, the SLA comparison and the best load point of each job."""
     failed = [r for r in results if r.failed]
@@ -170,7 +166,7 @@ def write_summary_markdown(path: Path, root: Path, results: list[RunResult], tab
         "",
         f"Folder: `{root}`",
         "",
-        f"{len(results)} jobs: {len(results) - len(failed)} with results, {len(failed)} failed.",
+        _count_line(results),
         "",
     ]
     if shared:
@@ -197,8 +193,8 @@ def _sweep_page(root: Path, results: list[RunResult], tables: SweepTables, figur
     failed = [r for r in results if r.failed]
     varying, shared = varying_overrides(results, tables)
     page = Page(f"Sweep report: {root.name}", root)
-    page.paragraph(f"{len(results)} jobs: {len(results) - len(failed)} with results, {len(failed)} failed.",
-                   css_class="failed" if failed else None)
+    partial = failed or any(r.interrupted_by for r in results)
+    page.paragraph(_count_line(results), css_class="failed" if partial else None)
     if shared:
         page.paragraph(_shared_text(shared))
 
@@ -250,10 +246,10 @@ def build_sweep_report(layout: Layout, run_plots: Optional[bool] = None) -> list
             log.warning("job %s has no results: %s", result.folder.name, _first_line(result.error))
     tables = combine_runs(results)
 
-    tables.summary.to_csv(root / "summary.csv", index=False)
+    write_table(tables.summary, root / "summary.csv")
     written.append(root / "summary.csv")
     if not tables.sla.empty:
-        tables.sla.to_csv(root / "sla_summary.csv", index=False)
+        write_table(tables.sla, root / "sla_summary.csv")
         written.append(root / "sla_summary.csv")
     written.append(write_summary_markdown(root / "summary.md", root, results, tables))
 

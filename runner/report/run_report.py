@@ -65,6 +65,9 @@ def write_run_report(result: RunResult, title: Optional[str] = None) -> list[Pat
     if result.folder.overrides:
         page.heading("Overrides")
         page.table(pd.DataFrame({"key": list(result.folder.overrides), "value": list(result.folder.overrides.values())}))
+    if result.interrupted_by:
+        page.paragraph(f"The run was interrupted by {result.interrupted_by}, so its results are partial.",
+                       css_class="failed")
     if result.rebuilt:
         page.paragraph("summary.csv was missing and has been rebuilt from requests.csv.")
 

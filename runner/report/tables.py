@@ -20,10 +20,8 @@ KEY_COLUMNS = [
     "avg_latency", "p99_latency", "avg_ttft", "p99_ttft", "avg_tpot", "p99_tpot", "client_bound",
 ]
 
-# Columns of the "highest throughput per run" table, after job and override columns.
+# Columns of the "highest throughput per run" table, after job, override and job_status columns.
 BEST_COLUMNS = ["parallel", "rate", "tps", "rps", "p99_latency", "p99_ttft", "p99_tpot", "success_rate"]
-
-NO_LOAD = "none"
 
 
 def format_value(value: Any) -> str:
@@ -78,16 +76,13 @@ def sort_by_load(summary: pd.DataFrame, load: str) -> pd.DataFrame:
 
 
 def jobs_table(results: list[RunResult], override_columns: dict[str, str]) -> pd.DataFrame:
-    """Build one row per job: its overrides, status (ok, rebuilt, failed), load points and error."""
+    """Build one row per job: its overrides, status (ok, interrupted, rebuilt, failed), load points and error."""
     rows = []
     for result in results:
         row: dict[str, Any] = {"job": result.folder.name}
         for key, column in override_columns.items():
             row[column] = result.folder.overrides.get(key, "")
-        if result.failed:
-            row["status"] = "failed"
-        else:
-            row["status"] = "rebuilt from requests.csv" if result.rebuilt else "ok"
+        row["status"] = result.status
         row["load points"] = 0 if result.summary is None else len(result.summary)
         row["SLA groups"] = 0 if result.sla is None else len(result.sla)
         row["error"] = (result.error or "").strip().splitlines()[0] if result.error else ""
@@ -153,6 +148,6 @@ def best_points(summary: pd.DataFrame, override_columns: dict[str, str]) -> pd.D
     if usable.empty:
         return pd.DataFrame()
     best = usable.loc[usable.groupby("job", sort=False)["tps"].idxmax()]
-    leading = ["job", *override_columns.values()]
+    leading = ["job", *override_columns.values(), "job_status"]
     columns = [c for c in leading + BEST_COLUMNS if c in best.columns]
     return best[columns].reset_index(drop=True)
