@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -162,8 +163,62 @@ def integral_column(column: pd.Series) -> pd.Series:
 
 def read_requests(path: Path) -> pd.DataFrame:
     """Read requests.csv back, with ``itl`` as lists of floats."""
+    return _parse_requests(path)
+
+
+def read_requests_checked(path: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Read requests.csv without its damaged lines; return the rows and one message per damaged line.
+
+    A line is damaged when it has another number of fields than the header, or when it is
+    the last line and the file does not end with a line break. The writer ends every row
+    with one, so there the write was cut, and even the last field may be short. Messages
+    start with "line N". Raises ValueError when the file has no header.
+    """
+    text = path.read_text(encoding="utf-8", errors="replace")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if not header:
+        raise ValueError("the file is empty")
+    rows = [(reader.line_num, row) for row in reader if row]
+    damaged: list[tuple[int, str]] = []
+    if rows and not text.endswith("\n"):
+        line, _ = rows.pop()
+        damaged.append((line, "is cut short because the file ends inside it"))
+    kept = []
+    for line, row in rows:
+        if len(row) == len(header):
+            kept.append(row)
+        else:
+            damaged.append((line, f"has {len(row)} fields instead of {len(header)}"))
+    problems = [f"line {line} {reason}" for line, reason in sorted(damaged)]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(kept)
+    buffer.seek(0)
+    return _parse_requests(buffer), problems
+
+
+def cut_last_line(path: Path) -> int | None:
+    """Return the number of the last line of ``path`` when the file ends inside it, else None.
+
+    Reads only the last byte unless the line is cut, which is then rare enough to count lines.
+    """
+    with path.open("rb") as handle:
+        handle.seek(0, io.SEEK_END)
+        if handle.tell() == 0:
+            return None
+        handle.seek(-1, io.SEEK_END)
+        if handle.read(1) == b"\n":
+            return None
+        handle.seek(0)
+        breaks = sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+    return breaks + 1
+
+
+def _parse_requests(source: Any) -> pd.DataFrame:
     # itl as text: with at most one sample per request, pandas would otherwise read it as numbers.
-    frame = pd.read_csv(path, keep_default_na=True,
+    frame = pd.read_csv(source, keep_default_na=True,
                         dtype={"error": str, "finish_reason": str, "token_source": str, "itl": str})
     frame["itl"] = frame["itl"].fillna("").map(lambda text: [float(x) for x in text.split()] if text else [])
     if "cooldown" not in frame:

@@ -7,6 +7,7 @@ import time
 import pandas as pd
 import pytest
 
+from runner.metrics import REQUEST_COLUMNS
 from runner.report import aggregate, build_report
 from runner.report.aggregate import combine_runs, load_run
 from runner.report.folders import RunFolder, find_layout, parse_overrides
@@ -249,7 +250,7 @@ def test_large_sweep_reads_summaries_only(tmp_path, monkeypatch):
     def fail_read(path):
         raise AssertionError(f"requests.csv read: {path}")
 
-    monkeypatch.setattr(aggregate, "read_requests", fail_read)
+    monkeypatch.setattr(aggregate, "read_requests_checked", fail_read)
     started = time.perf_counter()
     written = build_report(tmp_path, run_plots=None)
     elapsed = time.perf_counter() - started
@@ -314,3 +315,65 @@ def test_comparison_shows_interrupted_search():
     assert table["p99_ttft <= 0.05"].tolist() == [
         "8 so far (interrupted)", "none so far (interrupted)", "none", 16.0]
 
+
+def cut_requests(run_dir, keep_bytes_off: int) -> int:
+    """Cut the last ``keep_bytes_off`` bytes off requests.csv; return its number of lines."""
+    path = run_dir / "requests.csv"
+    data = path.read_bytes()
+    path.write_bytes(data[:-keep_bytes_off])
+    return data.count(b"\n")
+
+
+def test_cut_requests_line_left_out(tmp_path, caplog):
+    write_hydra(tmp_path, ["load.parallel=1"])
+    # Three requests at parallel 1; the last row loses its end, so two remain: latencies 2 and 3.
+    write_requests(tmp_path, {1: [(1.0, 3.0, 10), (2.0, 5.0, 20), (5.0, 9.0, 30)]})
+    lines = cut_requests(tmp_path, 20)
+    written = build_report(tmp_path)
+
+    assert tmp_path / "summary.csv" in written
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert summary["requests"].tolist() == [2]
+    assert summary["avg_latency"].tolist() == pytest.approx([2.5])
+    expected = f"{tmp_path / 'requests.csv'} line {lines} is cut short because the file ends inside it"
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{expected}, so the line is left out of the rebuilt summary.csv"]
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert f"requests.csv line {lines} is cut short because the file ends inside it" in html
+
+
+def test_wrong_field_count_left_out(tmp_path, caplog):
+    write_hydra(tmp_path, ["load.parallel=1"])
+    write_requests(tmp_path, {1: [(1.0, 3.0, 10), (2.0, 5.0, 20)]})
+    path = tmp_path / "requests.csv"
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines.insert(2, "parallel,1,0,99\r\n")  # after the header and the warmup row
+    path.write_text("".join(lines), encoding="utf-8")
+    build_report(tmp_path)
+
+    assert pd.read_csv(tmp_path / "summary.csv")["requests"].tolist() == [2]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"{path} line 3 has 4 fields instead of 25")
+
+
+def test_cut_requests_with_summary_warns(tmp_path, caplog):
+    make_run(tmp_path, loads=(1,))
+    write_requests(tmp_path, {1: [(1.0, 3.0, 10), (2.0, 5.0, 20)]})
+    lines = cut_requests(tmp_path, 5)
+    build_report(tmp_path)
+
+    assert pd.read_csv(tmp_path / "summary.csv")["requests"].tolist() == [100]  # summary.csv kept as it is
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{tmp_path / 'requests.csv'} line {lines} is cut short because the file ends inside it; "
+        f"the report uses summary.csv as it is"]
+
+
+def test_only_cut_requests_is_failed_job(tmp_path):
+    make_run(tmp_path / "0", loads=(1,))
+    write_hydra(tmp_path / "1", [])
+    (tmp_path / "1" / "requests.csv").write_text(",".join(REQUEST_COLUMNS) + "\r\nparallel,1,", encoding="utf-8")
+    build_report(tmp_path, run_plots=False)
+    markdown = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert ("- job 1: summary.csv missing and requests.csv unusable: no complete request row "
+            "(line 2 is cut short because the file ends inside it)") in markdown

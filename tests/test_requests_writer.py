@@ -4,7 +4,7 @@ import csv
 import math
 
 from runner.metrics import REQUEST_COLUMNS
-from runner.output import FLUSH_ROWS, RequestsWriter, read_requests, write_summary
+from runner.output import FLUSH_ROWS, RequestsWriter, read_requests, read_requests_checked, write_summary
 
 
 def row(request_id: int, error: str, itl: list[float], ttft: float = 0.5) -> dict:
@@ -56,3 +56,18 @@ def test_summary_writes_parallel_as_integer(tmp_path):
     assert path.read_text(encoding="utf-8").splitlines() == [
         "parallel,rate,requests,rps", "16,,100,2.500000", ",8.000000,50,7.750000"]
 
+
+def test_checked_read_keeps_quoted_line_breaks(tmp_path):
+    path = tmp_path / "requests.csv"
+    with RequestsWriter(path) as writer:
+        writer.add(row(0, "first line\nsecond line", [0.1]))
+        writer.add(row(1, "", [0.1, 0.2]))
+    frame, problems = read_requests_checked(path)
+    assert problems == []
+    assert frame["error"].fillna("").tolist() == ["first line\nsecond line", ""]
+
+    path.write_bytes(path.read_bytes()[:-4])  # the last row loses "200\r\n" of its ITL
+    frame, problems = read_requests_checked(path)
+    # Line 3 is the second line of the first row's error, so the second row is line 4.
+    assert problems == ["line 4 is cut short because the file ends inside it"]
+    assert frame["request_id"].tolist() == [0]

@@ -20,7 +20,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
             "A sweep (Hydra multirun) folder, or any folder whose subfolders are runs, gets at its top "
             "summary.csv and sla_summary.csv with every job's rows plus a 'job' column, one column per "
             "override key and a 'job_status' column, summary.md, sweep-level plots and report.html. Only "
-            "summary.csv files are read; a run without one gets it rebuilt from its requests.csv. Jobs without results are listed as failed, and jobs "
+            "summary.csv files are read; a run without one gets it rebuilt from its requests.csv, leaving out "
+            "damaged lines, each named in a warning. Jobs without results are listed as failed, and jobs "
             "stopped by a signal as interrupted."
         ),
     )

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import pandas as pd
 
 from runner.metrics import summarize
-from runner.output import integral_column, read_requests, write_summary
+from runner.output import cut_last_line, integral_column, read_requests_checked, write_summary
 from runner.report.folders import RunFolder, read_config, read_text
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ class RunResult:
     written: list[Path] = field(default_factory=list)
     # Name of the signal that stopped the run (manifest.json's interrupted_by), None when none did.
     interrupted_by: Optional[str] = None
+    # One message per damaged line of requests.csv, such as a last line cut short.
+    damage: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> bool:
@@ -78,14 +80,21 @@ def _parallel_cap(config: dict[str, Any]) -> float:
     return math.nan if cap is None else float(cap)
 
 
-def rebuild_summary(run_dir: Path) -> pd.DataFrame:
+def rebuild_summary(run_dir: Path, damage: Optional[list[str]] = None) -> pd.DataFrame:
     """Compute summary.csv from requests.csv, one row per load value, and write it.
 
-    Raises ValueError when requests.csv has no request rows.
+    Damaged lines of requests.csv are left out, logged and appended to ``damage``. Raises
+    ValueError when no complete request row is left.
     """
-    requests = read_requests(run_dir / "requests.csv")
+    path = run_dir / "requests.csv"
+    requests, problems = read_requests_checked(path)
+    for problem in problems:
+        log.warning("%s %s, so the line is left out of the rebuilt summary.csv", path, problem)
+    if damage is not None:
+        damage += [f"requests.csv {problem}, so the line is left out" for problem in problems]
     if requests.empty:
-        raise ValueError("requests.csv has no rows")
+        detail = f" ({problems[0]})" if problems else ""
+        raise ValueError(f"no complete request row{detail}")
     cap = _parallel_cap(read_config(run_dir))
     rows = []
     for (variable, value), frame in requests.groupby(["variable", "value"], sort=True):
@@ -120,6 +129,19 @@ def _interrupted_by(run_dir: Path) -> Optional[str]:
     return str(name) if name else None
 
 
+def _tail_damage(requests_path: Path) -> list[str]:
+    """Return a message when the last line of a requests.csv that the report does not read is cut short."""
+    try:
+        line = cut_last_line(requests_path)
+    except OSError as exc:
+        return [f"{requests_path} cannot be read: {exc.strerror}"]
+    if line is None:
+        return []
+    log.warning("%s line %s is cut short because the file ends inside it; the report uses summary.csv as it is",
+                requests_path, line)
+    return [f"requests.csv line {line} is cut short because the file ends inside it; the report uses summary.csv as it is"]
+
+
 def load_run(folder: RunFolder) -> RunResult:
     """Read one run's summary.csv and sla_summary.csv, rebuilding the summary when missing."""
     run_dir = folder.path
@@ -132,19 +154,22 @@ def load_run(folder: RunFolder) -> RunResult:
     if summary_path.is_file():
         summary = _read_csv(summary_path)
         if summary is not None:
-            return RunResult(folder, summary, sla, interrupted_by=interrupted_by)
+            damage = _tail_damage(requests_path) if requests_path.is_file() else []
+            return RunResult(folder, summary, sla, interrupted_by=interrupted_by, damage=damage)
         return RunResult(folder, None, sla, error=_failure_reason(run_dir, "summary.csv cannot be read"),
                          interrupted_by=interrupted_by)
 
     if requests_path.is_file():
+        damage: list[str] = []
         try:
-            summary = rebuild_summary(run_dir)
+            summary = rebuild_summary(run_dir, damage)
         except (OSError, ValueError, KeyError, pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
             reason = f"summary.csv missing and requests.csv unusable: {exc}"
             return RunResult(folder, None, sla, error=_failure_reason(run_dir, reason),
-                             interrupted_by=interrupted_by)
+                             interrupted_by=interrupted_by, damage=damage)
         log.info("rebuilt %s from requests.csv", summary_path)
-        return RunResult(folder, summary, sla, written=[summary_path], interrupted_by=interrupted_by)
+        return RunResult(folder, summary, sla, written=[summary_path], interrupted_by=interrupted_by,
+                         damage=damage)
 
     return RunResult(folder, None, sla, error=_failure_reason(run_dir, "no summary.csv: the job did not finish"),
                      interrupted_by=interrupted_by)

@@ -157,6 +157,10 @@ def _count_line(results: list[RunResult]) -> str:
     return f"{len(results)} jobs: {counts}, {failed} failed."
 
 
+def _damage_lines(results: list[RunResult]) -> list[str]:
+    return [f"job {r.folder.name}: {message}" for r in results for message in r.damage]
+
+
 def write_summary_markdown(path: Path, root: Path, results: list[RunResult], tables: SweepTables) -> Path:
     """Write summary.md: job status, the SLA comparison and the best load point of each job."""
     failed = [r for r in results if r.failed]
@@ -184,6 +188,9 @@ def write_summary_markdown(path: Path, root: Path, results: list[RunResult], tab
         lines += ["## Failed jobs", ""]
         lines += [f"- job {r.folder.name}: {_first_line(r.error)}" for r in failed]
         lines.append("")
+    damage = _damage_lines(results)
+    if damage:
+        lines += ["## Damaged files", ""] + [f"- {line}" for line in damage] + [""]
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
@@ -195,6 +202,8 @@ def _sweep_page(root: Path, results: list[RunResult], tables: SweepTables, figur
     page = Page(f"Sweep report: {root.name}", root)
     partial = failed or any(r.interrupted_by for r in results)
     page.paragraph(_count_line(results), css_class="failed" if partial else None)
+    for line in _damage_lines(results):
+        page.paragraph(line, css_class="failed")
     if shared:
         page.paragraph(_shared_text(shared))
 

@@ -70,6 +70,8 @@ def write_run_report(result: RunResult, title: Optional[str] = None) -> list[Pat
                        css_class="failed")
     if result.rebuilt:
         page.paragraph("summary.csv was missing and has been rebuilt from requests.csv.")
+    for message in result.damage:
+        page.paragraph(message, css_class="failed")
 
     page.heading("Summary")
     ordered = sort_by_load(result.summary, load)
