@@ -32,6 +32,7 @@ from runner.errors import ConfigError, DataError, RunnerError
 from runner.interrupt import Interrupted, install_handlers
 from runner.output import read_requests
 from runner.prober import PROBES_FILE
+from runner.redact import check_not_redacted
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,10 @@ def load_config(run_dir: Path, overrides: list[str]) -> RunConfig:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), saved, OmegaConf.from_dotlist(overrides))
     except OmegaConfBaseException as exc:
         raise ConfigError(f"cannot apply {path} and the overrides: {str(exc).splitlines()[0]}") from None
-    return to_run_config(merged)
+    config = to_run_config(merged)
+    endpoint = config.endpoint
+    check_not_redacted(endpoint.headers, endpoint.url, endpoint.api_key_env, path)
+    return config
 
 
 def read_probes(path: Path) -> dict[tuple[float, int], dict[str, Any]]:
