@@ -56,6 +56,10 @@ CASES = [
     ("dataset path is dir", ["dataset=sharegpt", "dataset.path={tmp}"], ["dataset.path", "is a directory"]),
     ("no dataset path", ["dataset=jsonl"], ["dataset.path", "required", "dataset.path="]),
     ("malformed jsonl", ["dataset=jsonl", "dataset.path={tmp}/bad.jsonl"], ["bad.jsonl", "line 2", "invalid JSON"]),
+    ("sharegpt text not a string", ["dataset=sharegpt", "dataset.path={tmp}/number.json"],
+     ["{tmp}/number.json item [0]: conversations[0].value must be a string, got 42"]),
+    ("replay text not a string", ["dataset=replay", "dataset.path={tmp}/number_prompts.jsonl"],
+     ["{tmp}/number_prompts.jsonl line 2: field 'text' must be a string, got 42"]),
     ("missing tokenizer", ["model.tokenizer=/no/such/tokenizer"], ["model.tokenizer", "/no/such/tokenizer"]),
     ("unknown metric", ["+sla=custom", 'sla.rules=[{p99_foo:"<=1"}]'], ["p99_foo", "allowed"]),
     ("unknown operator", ["+sla=custom", 'sla.rules=[{p99_ttft:"~1"}]'], ["p99_ttft", "~1"]),
@@ -101,6 +105,8 @@ CASES = [
 def bad_files(tmp_path: Path) -> Path:
     (tmp_path / "bad.jsonl").write_text(BAD_JSONL, encoding="utf-8")
     (tmp_path / "bad_profile.yaml").write_text(BAD_PROFILE, encoding="utf-8")
+    (tmp_path / "number.json").write_text('[{"conversations": [{"from": "human", "value": 42}]}]\n', encoding="utf-8")
+    (tmp_path / "number_prompts.jsonl").write_text('{"text": "first"}\n{"text": 42}\n', encoding="utf-8")
     # A rule set whose rules are a mapping instead of a list of groups.
     (tmp_path / "conf" / "sla").mkdir(parents=True)
     (tmp_path / "conf" / "sla" / "mapping_rules.yaml").write_text('rules:\n  p99_ttft: "<=1"\n', encoding="utf-8")
