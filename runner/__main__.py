@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
@@ -21,16 +20,17 @@ from typing import Any, Optional, Sequence
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from hydra.errors import HydraException, OverrideParseException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from runner import sweep
 from runner.config import RunConfig
 from runner.errors import ConfigError, RunnerError
-from runner.schema import find_unknown_key, schema_keys, section_schema, unknown_key_hint
+from runner.hydra_errors import hydra_error_line, is_hydra_error, unknown_key_line
+from runner.schema import find_unknown_key, schema_keys, section_schema
 from runner.sweep import JOB_ERROR_FILE
 
 
@@ -325,78 +325,6 @@ def _remove_if_unused(out_dir: Path) -> None:
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def _is_hydra_error(exc: BaseException) -> bool:
-    """Return True for errors in the command line or config tree, False for bugs in the runner."""
-    if isinstance(exc, (HydraException, OmegaConfBaseException)):
-        return True
-    # Hydra raises a plain ValueError for misused flags (--cfg with -m), and OmegaConf an
-    # AssertionError for an override below a null key (sla.rules=... without +sla=NAME).
-    if isinstance(exc, (ValueError, AssertionError)):
-        frames = traceback.extract_tb(exc.__traceback__)
-        return bool(frames) and any(part in frames[-1].filename for part in ("/hydra/", "/omegaconf/"))
-    return False
-
-
-_EXPECTED_TYPES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
-_MISSING_OPTION = re.compile(r"Could not find '([^'/]+)/([^']+)'")
-_CONVERSION = re.compile(r"could not be converted to (\w+)")
-
-
-def _override_for(key: str) -> Optional[str]:
-    """Return the command-line override that sets ``key``, or None when none does."""
-    for arg in sys.argv[1:]:
-        if arg.lstrip("+~").split("=", 1)[0] == key:
-            return arg
-    return None
-
-
-def unknown_key_line(key: str) -> str:
-    """Return the one-line error for a key that the schema does not declare."""
-    override = _override_for(key)
-    head = f"{override}: unknown key {key}" if override else f"unknown key {key}"
-    return f"{head}; {unknown_key_hint(key)}"
-
-
-def hydra_error_line(exc: BaseException) -> str:
-    """Collapse a Hydra or OmegaConf error (several lines and a cause) into one line with the fix."""
-    cause = exc.__cause__
-    key = getattr(cause, "full_key", None) or getattr(exc, "full_key", None)
-    if isinstance(exc, OverrideParseException):
-        return (f"invalid override {exc.override!r}: {str(exc).splitlines()[0]}; "
-                f"see https://hydra.cc/docs/advanced/override_grammar/basic/ for the syntax")
-    if isinstance(exc, MissingConfigException):
-        match = _MISSING_OPTION.search(str(exc))
-        if match:
-            group, option = match.groups()
-            options = re.findall(r"^\t(\S+)$", str(exc).split("Config search path")[0], re.MULTILINE)
-            return (f"{group}={option}: no such option in config group {group}; "
-                    f"pass one of: {', '.join(options) or 'none found'}")
-    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
-        return unknown_key_line(key)
-    if isinstance(cause, ValidationError) and key:
-        reason = str(cause).splitlines()[0]
-        match = _CONVERSION.search(reason)
-        if match:
-            fix = f"pass {_EXPECTED_TYPES.get(match.group(1), match.group(1))}"
-        elif "is not Optional" in reason:
-            fix = f"pass a value for {key}, not null"
-        elif "expected one of" in reason:
-            fix = "pass one of the listed values"
-        else:
-            fix = f"fix the value of {key}"
-        return f"{_override_for(key) or key}: {reason}; {fix}"
-    if isinstance(exc, AssertionError):
-        unset = [arg for arg in sys.argv[1:] if arg.startswith("sla.")]
-        if unset:
-            return f"{unset[0]}: no SLA rule set is selected; add +sla=custom (or another +sla=NAME) before it"
-        return f"cannot apply the overrides {' '.join(sys.argv[1:])}: a parent key is null; set the parent first"
-    text = str(exc).split("Config search path")[0]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if isinstance(cause, OmegaConfBaseException):
-        lines.append(str(cause).splitlines()[0])
-    return " ".join(lines) or type(exc).__name__
-
-
 def _debug_requested(argv: list[str]) -> bool:
     return any(arg.lower() in ("debug=true", "debug=1", "debug=yes", "debug=on") for arg in argv)
 
@@ -441,8 +369,8 @@ def main() -> None:
         _aggregate_interrupted_sweep(signum)
         print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr)
         sys.exit(128 + signum)
-    except (HydraException, OmegaConfBaseException, ValueError, AssertionError) as exc:
-        if debug or not _is_hydra_error(exc):
+    except (HydraException, OmegaConfBaseException, ValueError, AssertionError, AttributeError) as exc:
+        if debug or not is_hydra_error(exc):
             raise
         from runner.redact import redact_text, secrets_from_overrides
 

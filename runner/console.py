@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import pandas as pd
 from rich.console import Console, RenderableType
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -83,10 +84,26 @@ def best_configuration(summary: pd.DataFrame) -> Optional[Table]:
     return table
 
 
-def recommendations(summary: pd.DataFrame) -> list[str]:
-    """Return short advice drawn from how throughput and success change with load."""
+@dataclass(frozen=True)
+class SearchRange:
+    """The range an SLA tune searched: ``search.variable`` and its lower and upper bound."""
+
+    variable: str
+    lower_bound: float
+    upper_bound: float
+
+
+def recommendations(summary: pd.DataFrame, sla_rows: Optional[list[dict[str, Any]]] = None,
+                    search: Optional[SearchRange] = None) -> list[str]:
+    """Return short advice drawn from how throughput and success change with load.
+
+    After an SLA tune (``sla_rows`` and ``search`` given) the advice about the search range
+    comes from each rule group's answer, because a throughput still rising at the highest
+    load probed is no evidence for loads that already failed the rules.
+    """
     if summary.empty:
         return []
+    tuned = sla_rows is not None and search is not None
     open_loop = summary["rate"].notna().any()
     knob = "rate" if open_loop else "parallel"
     ordered = summary.sort_values(knob)
@@ -103,14 +120,55 @@ def recommendations(summary: pd.DataFrame) -> list[str]:
         advice.append(f"Throughput saturates near {knob} {knee:g} ({rps.max():.2f} req/s at most); "
                       f"higher load only adds latency")
     elif len(rps) >= 2 and rps[-1] >= 0.95 * rps.max():
-        advice.append(f"The system seems not to have reached its performance bottleneck, try a higher {knob}")
+        if not tuned:
+            advice.append(f"The system seems not to have reached its performance bottleneck, try a higher {knob}")
     elif len(rps) >= 2:
         best = ordered.iloc[int(rps.argmax())][knob]
         advice.append(f"Optimal {knob} range is around {best:g}")
+    if tuned:
+        for number, row in enumerate(sla_rows, start=1):
+            line = _search_range_advice(row, search)
+            if line is not None:
+                advice.append(f"SLA {number} ({row['criteria']}): {line}")
     if (ordered["success_rate"] < 100).any():
         advice.append("Success rate is below 100% at some load points: check the errors in requests.csv "
                       "and the server's resources")
     return advice
+
+
+def _search_range_advice(row: dict[str, Any], search: SearchRange) -> Optional[str]:
+    """Return the advice about the search range that one rule group's answer supports, or None.
+
+    An answer below the upper bound with a failing load above it needs no advice. So does a
+    group that stopped at a client-bound load or was interrupted, because its note gives the reason.
+    """
+    note = str(row.get("note", ""))
+    if note.startswith("interrupted") or "client-bound" in note:
+        return None
+    best = _number(row.get("max_satisfied"))
+    upper, lower, variable = search.upper_bound, search.lower_bound, search.variable
+    if best is None:
+        if variable == "parallel" and lower <= 1:
+            return (f"no load passed, not even {variable} 1, so no concurrency meets these rules; "
+                    "relax the rules or check the server")
+        return (f"no load passed down to {variable} {lower:g}; lower search.lower_bound (now {lower:g}) "
+                "to look further down")
+    objective = "->" in str(row["criteria"])
+    if best >= upper and _number(row.get("first_fail")) is None:
+        reached = f"the best load is the upper bound {upper:g}" if objective else \
+            f"every probe passed up to the upper bound {upper:g}"
+        return f"{reached}; raise search.upper_bound (now {upper:g}) to look further up"
+    if objective and best <= lower:
+        return (f"the best load is the lower bound {lower:g}; lower search.lower_bound (now {lower:g}) "
+                "to look further down")
+    return None
+
+
+def _number(value: Any) -> Optional[float]:
+    """Return ``value`` as a float, or None for a missing value (None or NaN from a CSV)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return float(value)
 
 
 def recommendations_text(lines: Iterable[str]) -> Text:
@@ -132,6 +190,9 @@ def sla_table(rows: list[dict[str, Any]]) -> Table:
         if "->" in str(row["criteria"]):
             # An objective group's best load has no passing/failing bracket.
             bracket = "-"
+        elif _number(row.get("first_fail")) is None and _number(row.get("last_pass")) is not None:
+            # Nothing failed: the search stopped at the upper bound or at a client-bound load.
+            bracket = f"none failed up to {_load_label(row.get('last_pass'))}"
         else:
             bracket = f"[{_load_label(row.get('last_pass'))}, {_load_label(row.get('first_fail'))})"
         best = answer_text(row.get("max_satisfied"), row.get("note", ""), row.get("last_pass"))
@@ -149,12 +210,26 @@ def render_text(renderables: Iterable[RenderableType]) -> str:
     return buffer.getvalue()
 
 
+class CountColumn(ProgressColumn):
+    """Completed of total ("12/40"), or for a task without a total the count and its unit ("3 probes done")."""
+
+    def render(self, task: Task) -> Text:
+        if task.total is not None:
+            return Text(f"{int(task.completed)}/{int(task.total)}", style="progress.download")
+        unit = task.fields.get("unit")
+        count = f"{int(task.completed)} {unit} done" if unit else f"{int(task.completed)} done"
+        return Text(count, style="progress.download")
+
+
 def make_progress(console: Console, enabled: bool) -> Progress:
-    """Return a progress display; when disabled it draws nothing."""
+    """Return a progress display; when disabled it draws nothing.
+
+    A task added with ``total=None`` draws a pulsing bar, and a ``unit`` field names what it counts.
+    """
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
+        CountColumn(),
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
         console=console,

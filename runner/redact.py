@@ -5,6 +5,10 @@ Secrets are the API key (read from the environment variable named by
 (``+endpoint.headers.Authorization=...``). Hydra writes the composed config and the
 overrides into ``.hydra/`` before the run starts, so ``redact_hydra_files`` rewrites those
 files; the runner's own files get ``redact_text`` or ``redact_argv``.
+
+A header value that only refers to an environment variable
+(``'+endpoint.headers.Authorization=Bearer ${oc.env:TOKEN}'``) contains no secret, so it is
+archived as written, and a replay or resume reads the variable again.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ SECRET_WORDS = ("token", "secret", "key", "auth", "password", "cookie")
 # An override that sets a header, e.g. `+endpoint.headers.Authorization=Bearer x`. Group 2 is the header name.
 _URL_OVERRIDE = re.compile(r"^[+~]{0,2}endpoint\.url=(.*)$", re.DOTALL)
 _HEADER_OVERRIDE = re.compile(r"^([+~]{0,2}endpoint\.headers\.)([^=]+)=(.*)$", re.DOTALL)
+# A header value that is one ${oc.env:NAME} reference, after an optional auth scheme word
+# such as "Bearer". A default value (${oc.env:NAME,default}) could be a secret, so it does not match.
+_ENV_REFERENCE = re.compile(r"^\s*(?:[A-Za-z][\w-]*\s+)?\$\{oc\.env:[A-Za-z_][A-Za-z0-9_]*\}\s*$")
 # Header values shorter than this are not searched for in the text of written files,
 # because a one- to three-character value would match unrelated text. The value of a
 # secret header is still replaced wherever it sits under endpoint.headers.
@@ -34,6 +41,11 @@ MIN_SECRET_LENGTH = 4
 def is_secret_header(name: str) -> bool:
     lowered = str(name).strip().lower()
     return lowered in SECRET_HEADERS or any(word in lowered for word in SECRET_WORDS)
+
+
+def is_env_reference(value: Any) -> bool:
+    """Return True for a header value such as ``Bearer ${oc.env:TOKEN}``, which names a variable instead of a secret."""
+    return isinstance(value, str) and _ENV_REFERENCE.match(value) is not None
 
 
 def url_secrets(url: Optional[str]) -> list[str]:
@@ -53,7 +65,8 @@ def url_secrets(url: Optional[str]) -> list[str]:
 
 def secret_values(headers: Mapping[str, Any], api_key_env: Optional[str], url: Optional[str] = None) -> list[str]:
     """Return the secret strings of a run: secret header values, URL credentials and the API key."""
-    values = [str(value) for name, value in headers.items() if is_secret_header(name) and value]
+    values = [str(value) for name, value in headers.items()
+              if is_secret_header(name) and value and not is_env_reference(value)]
     values += url_secrets(url)
     if api_key_env and os.environ.get(api_key_env):
         values.append(os.environ[api_key_env])
@@ -67,8 +80,9 @@ def secrets_from_overrides(overrides: Iterable[str]) -> list[str]:
     values = []
     for override in overrides:
         match = _HEADER_OVERRIDE.match(override)
-        if match and is_secret_header(match.group(2)):
-            values.append(match.group(3).strip("'\""))
+        value = match.group(3).strip("'\"") if match else ""
+        if match and is_secret_header(match.group(2)) and not is_env_reference(value):
+            values.append(value)
         url = _URL_OVERRIDE.match(override)
         if url:
             values += url_secrets(url.group(1).strip("'\""))
@@ -85,7 +99,7 @@ def redact_text(text: str, secrets: Iterable[str]) -> str:
 def redact_override(override: str, secrets: Iterable[str] = ()) -> str:
     """Return one command-line override with a secret header value replaced."""
     match = _HEADER_OVERRIDE.match(override)
-    if match and is_secret_header(match.group(2)):
+    if match and is_secret_header(match.group(2)) and not is_env_reference(match.group(3).strip("'\"")):
         return f"{match.group(1)}{match.group(2)}={REDACTED}"
     return redact_text(override, secrets)
 
@@ -99,7 +113,8 @@ def _redact_value(value: Any, secrets: list[str], parent_key: str = "") -> Any:
     if isinstance(value, dict):
         redacted = {}
         for key, item in value.items():
-            if parent_key == "headers" and is_secret_header(key) and item not in (None, ""):
+            if parent_key == "headers" and is_secret_header(key) and item not in (None, "") \
+                    and not is_env_reference(item):
                 redacted[key] = REDACTED
             else:
                 redacted[key] = _redact_value(item, secrets, str(key))
@@ -155,3 +170,38 @@ def redact_hydra_logs(argv: Iterable[str]) -> None:
     if secrets:
         for name in HYDRA_LAUNCHER_LOGGERS:
             logging.getLogger(name).addFilter(RedactingFilter(secrets))
+
+
+def redacted_keys(headers: Mapping[str, Any], url: Optional[str]) -> list[str]:
+    """Return the endpoint keys whose archived value contains REDACTED, so it cannot be sent again."""
+    keys = [f"endpoint.headers.{name}" for name, value in headers.items() if REDACTED in str(value)]
+    if url and REDACTED in url:
+        keys.append("endpoint.url")
+    return keys
+
+
+def check_not_redacted(headers: Mapping[str, Any], url: Optional[str], api_key_env: Optional[str],
+                       source: Path) -> None:
+    """Raise ConfigError when a header or the URL read from ``source`` is still redacted.
+
+    Sending the text REDACTED in place of a credential would fail at the server, or worse,
+    be accepted by a server that ignores the header, so the value must be passed again.
+    With ``api_key_env`` set, the client replaces the Authorization header with the key.
+    """
+    from runner.errors import ConfigError
+
+    if api_key_env:
+        headers = {name: value for name, value in headers.items() if name.lower() != "authorization"}
+    keys = redacted_keys(headers, url)
+    if not keys:
+        return
+    key = keys[0]
+    if key == "endpoint.url":
+        raise ConfigError(f"endpoint.url has a redacted credential in {source}; pass the full URL again: "
+                          f"endpoint.url=URL")
+    value = "Bearer ${oc.env:TOKEN}" if key.lower().endswith(".authorization") else "${oc.env:TOKEN}"
+    raise ConfigError(
+        f"{key} is redacted in {source}, so it cannot be sent again; pass it as an override, for example "
+        f"'{key}={value}' to read it from the environment variable TOKEN (or endpoint.api_key_env=TOKEN "
+        f"for an API key sent as Authorization: Bearer)"
+    )

@@ -27,7 +27,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from runner.config import DatasetKind, RunConfig
 from runner.errors import ConfigError, RunnerError
-from runner.redact import redact_argv, redact_hydra_files, secret_values, secrets_from_overrides
+from runner.redact import (check_not_redacted, redact_argv, redact_hydra_files, secret_values,
+                           secrets_from_overrides)
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ def replay_config(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[DictCon
     """Load the archived config with the dataset switched to the archived prompts, then apply ``overrides``.
 
     Returns the config as Hydra would have composed it and the checked ``RunConfig``. Raises
-    RunnerError with one line when the folder, its config or an override is unusable.
+    RunnerError with one line when the folder, its config or an override is unusable, or when
+    a header or the URL is still redacted after the overrides.
     """
     from runner.__main__ import apply_overrides, to_run_config  # imports Hydra, so only when a replay starts
 
@@ -101,10 +103,12 @@ def replay_config(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[DictCon
         config = to_run_config(composed)
     except RunnerError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    if not overrides:
-        return composed, config
-    apply_overrides(composed, overrides)
-    return composed, to_run_config(composed)
+    if overrides:
+        apply_overrides(composed, overrides)
+        config = to_run_config(composed)
+    endpoint = config.endpoint
+    check_not_redacted(endpoint.headers, endpoint.url, endpoint.api_key_env, path)
+    return composed, config
 
 
 def default_out_dir(now: Optional[dt.datetime] = None) -> Path:

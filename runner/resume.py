@@ -35,7 +35,7 @@ from runner.interrupt import Interrupted, install_handlers
 from runner.manifest import now_iso
 from runner.output import read_requests
 from runner.prober import PROBES_FILE
-from runner.redact import redact_argv, secret_values
+from runner.redact import check_not_redacted, redact_argv, secret_values
 
 # Named, because ``python -m runner.resume`` runs this module as __main__.
 log = logging.getLogger("runner.resume")
@@ -75,7 +75,10 @@ def load_config(run_dir: Path, overrides: list[str]) -> RunConfig:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), saved, OmegaConf.from_dotlist(overrides))
     except OmegaConfBaseException as exc:
         raise ConfigError(f"cannot apply {path} and the overrides: {str(exc).splitlines()[0]}") from None
-    return to_run_config(merged)
+    config = to_run_config(merged)
+    endpoint = config.endpoint
+    check_not_redacted(endpoint.headers, endpoint.url, endpoint.api_key_env, path)
+    return config
 
 
 def read_probes(path: Path) -> dict[tuple[float, int], dict[str, Any]]:

@@ -133,10 +133,12 @@ async def _measure(config: RunConfig, out_dir: Path, console: Console, result: d
                 else:
                     from runner.sla.search import SlaTuner
 
-                    status = progress.add_task("SLA search", total=None, status="")
+                    # The number of probes depends on the verdicts, so the bar counts them without a total.
+                    status = progress.add_task("SLA search", total=None, status="", unit="probes")
 
                     def show(event: Any) -> None:
-                        progress.update(status, description=describe_tune_event(event))
+                        progress.update(status, description=describe_tune_event(event),
+                                        advance=1 if event.kind == "verdict" else 0)
 
                     tuner = SlaTuner.from_config(groups, config, prober, on_event=show)
                     result["tuner"] = tuner
@@ -314,11 +316,14 @@ def write_reports(config: RunConfig, result: dict[str, Any], out_dir: Path, cons
     best = views.best_configuration(summary)
     if best is not None:
         renderables.append(best)
-    renderables.append(views.recommendations_text(views.recommendations(summary)))
+    sla_rows = None
     if "tuner" in result:
-        rows = [answer.to_row() for answer in result["tuner"].answers()]
-        pd.DataFrame(rows).to_csv(out_dir / "sla_summary.csv", index=False)
-        renderables.append(views.sla_table(rows))
+        sla_rows = [answer.to_row() for answer in result["tuner"].answers()]
+        pd.DataFrame(sla_rows).to_csv(out_dir / "sla_summary.csv", index=False)
+    search = views.SearchRange(config.search.variable.value, config.search.lower_bound, config.search.upper_bound)
+    renderables.append(views.recommendations_text(views.recommendations(summary, sla_rows, search)))
+    if sla_rows is not None:
+        renderables.append(views.sla_table(sla_rows))
     for item in renderables:
         console.print(item)
     (out_dir / "performance_summary.txt").write_text(views.render_text(renderables), encoding="utf-8")

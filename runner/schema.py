@@ -54,6 +54,28 @@ def _is_mapping_field(dotted: str) -> bool:
     return typing.get_origin(typing.get_type_hints(owner)[name]) is dict
 
 
+def container_kind(dotted: str) -> Optional[str]:
+    """Return "section", "mapping" or "list" for a key whose value is a container, else None."""
+    if section_schema(dotted) is not None:
+        return "section"
+    parent, _, name = dotted.rpartition(".")
+    owner = section_schema(parent)
+    if owner is None or name not in _sections(owner):
+        return None
+    origin = typing.get_origin(typing.get_type_hints(owner)[name])
+    return {dict: "mapping", list: "list"}.get(origin)
+
+
+def container_fields(dotted: str) -> dict[str, str]:
+    """Map each mapping or list field of the section at ``dotted`` to its kind."""
+    schema = section_schema(dotted)
+    if schema is None:
+        return {}
+    prefix = f"{dotted}." if dotted else ""
+    kinds = {name: container_kind(prefix + name) for name in _sections(schema)}
+    return {name: kind for name, kind in kinds.items() if kind in ("mapping", "list")}
+
+
 def schema_keys(dotted: str) -> list[str]:
     """Return the keys allowed in the section at ``dotted``, sorted (empty when it is not a section)."""
     schema = section_schema(dotted)

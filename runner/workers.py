@@ -35,12 +35,14 @@ from typing import Any, Callable, Iterable, Optional
 from runner.client.finalize import TokenCounter, finalize
 from runner.client.openai import OpenAIClient
 from runner.client.record import Prompt, RequestRecord
-from runner.config import EndpointConfig, LoadBackend, LoadConfig, ModelConfig, RequestConfig
+from runner.config import EndpointConfig, LoadBackend, ModelConfig, RequestConfig
 from runner.errors import RunnerError
 from runner.gc_pause import setup_objects_frozen
 from runner.load import SCHEDULE_LEAD, LoadOutcome, LoadPlan, Sender, Share, WorkerStats, run_load
 from runner.record_batch import RecordBatch
 from runner.tokenizer import WorkerTokenCounter
+# auto_workers and workers_for are imported for callers of this module.
+from runner.worker_count import auto_workers, split_plan, warn_if_capped, workers_for  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -85,35 +87,6 @@ class WorkerTask:
     # Tokenizer the worker counts output tokens with; None counts nothing, as finalize() does
     # without a counter.
     tokenizer: Optional[WorkerTokenCounter] = None
-
-
-def auto_workers(plan: LoadPlan) -> int:
-    """Return the worker count for load.workers=null, which is 1 for now.
-
-    NOTE: two workers beat one on a 2-core machine only when no other work uses the cores.
-    With other processes at 12 % or less, bench/workers.py measured 1.56 to 1.70 times the
-    requests/s of one worker. Whenever other jobs took half the machine, two workers sent
-    fewer requests/s than one (docs/benchmarks.md). Each repeat also spawns the workers
-    again, and the simulated server shares the machine. So workers are used only when
-    load.workers is set above 1.
-    """
-    del plan
-    return 1
-
-
-def workers_for(load: LoadConfig, plan: LoadPlan) -> int:
-    """Return the number of workers to use for ``plan``: load.workers, or the automatic rule."""
-    return load.workers if load.workers is not None else auto_workers(plan)
-
-
-def split_plan(plan: LoadPlan, workers: int) -> list[Share]:
-    """Split ``plan`` into at most ``workers`` shares; never more than there are requests or slots."""
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    count = min(workers, max(plan.total, 1))
-    if plan.parallel is not None:
-        count = min(count, plan.parallel)
-    return [Share(worker, count) for worker in range(count)]
 
 
 def token_counter_for(tokenizer: Optional[WorkerTokenCounter]) -> Optional[TokenCounter]:
@@ -350,10 +323,12 @@ async def run_load_in_workers(
     if not prompts:
         raise ValueError("run_load_in_workers needs at least one prompt")
     shares = split_plan(plan, workers)
+    remote = backend is LoadBackend.ray or ray_address is not None
+    warn_if_capped(workers, plan, len(shares), local=not remote)
     client = client_args.for_share(len(shares))
     tasks = [WorkerTask(plan, share, client, list(prompts), tokenizer) for share in shares]
     fleet = WorkerFleet(plan, len(tasks), on_record, keep_records)
-    if backend is LoadBackend.ray or ray_address is not None:
+    if remote:
         from runner.ray_backend import run_tasks_on_ray
 
         return await run_tasks_on_ray(tasks, fleet, address=ray_address)

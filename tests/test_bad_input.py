@@ -56,11 +56,29 @@ CASES = [
     ("dataset path is dir", ["dataset=sharegpt", "dataset.path={tmp}"], ["dataset.path", "is a directory"]),
     ("no dataset path", ["dataset=jsonl"], ["dataset.path", "required", "dataset.path="]),
     ("malformed jsonl", ["dataset=jsonl", "dataset.path={tmp}/bad.jsonl"], ["bad.jsonl", "line 2", "invalid JSON"]),
+    ("sharegpt text not a string", ["dataset=sharegpt", "dataset.path={tmp}/number.json"],
+     ["{tmp}/number.json item [0]: conversations[0].value must be a string, got 42"]),
+    ("replay text not a string", ["dataset=replay", "dataset.path={tmp}/number_prompts.jsonl"],
+     ["{tmp}/number_prompts.jsonl line 2: field 'text' must be a string, got 42"]),
     ("missing tokenizer", ["model.tokenizer=/no/such/tokenizer"], ["model.tokenizer", "/no/such/tokenizer"]),
     ("unknown metric", ["+sla=custom", 'sla.rules=[{p99_foo:"<=1"}]'], ["p99_foo", "allowed"]),
     ("unknown operator", ["+sla=custom", 'sla.rules=[{p99_ttft:"~1"}]'], ["p99_ttft", "~1"]),
     ("empty rule list", ["+sla=custom", "sla.rules=[]"], ["sla.rules", "empty", "rule group"]),
     ("rules without sla", ['sla.rules=[{p99_ttft:"<=1"}]'], ["sla.rules", "+sla=custom"]),
+    ("rules added without sla", ['+sla.rules=[{p99_ttft:"<=1"}]'],
+     ['+sla.rules=[{p99_ttft:"<=1"}]: sla is null because no SLA rule set is selected',
+      """write +sla=custom 'sla.rules=[{p99_ttft:"<=1"}]' instead"""]),
+    ("sla given as mapping", ['+sla={rules:[{p99_ttft:"<=1"}]}'],
+     ["sla is a config group", """write +sla=custom 'sla.rules=[{p99_ttft: "<=1"}]'"""]),
+    ("rules as mapping", ["+sla=custom", 'sla.rules={p99_ttft:"<=1"}'],
+     ['sla.rules={p99_ttft:"<=1"}: sla.rules must be a list of rule groups, got a mapping',
+      """'sla.rules=[{p99_ttft: "<=1"}]'"""]),
+    ("rules as string", ["+sla=custom", "sla.rules=fast"],
+     ["sla.rules=fast: sla.rules must be a list of rule groups", """'sla.rules=[{p99_ttft: "<=0.05"}]'"""]),
+    ("rules as mapping in file", ["+sla=mapping_rules", "hydra.searchpath=[file://{tmp}/conf]"],
+     ["sla=mapping_rules: rules in that config file must be a list", 'rules: [{p99_ttft: "<=0.05"}]']),
+    ("headers as list", ["endpoint.headers=[a]"],
+     ["endpoint.headers=[a]: endpoint.headers must be a mapping such as {NAME: VALUE}, got a list"]),
     ("rate search without rate", ["+sla=ttft_strict", "search.variable=rate"], ["load.rate", "search.variable=rate"]),
     ("start outside range", ["+sla=ttft_strict", "search.lower_bound=8", "load.parallel=4"],
      ["load.parallel", "search.lower_bound", "got 4"]),
@@ -87,6 +105,11 @@ CASES = [
 def bad_files(tmp_path: Path) -> Path:
     (tmp_path / "bad.jsonl").write_text(BAD_JSONL, encoding="utf-8")
     (tmp_path / "bad_profile.yaml").write_text(BAD_PROFILE, encoding="utf-8")
+    (tmp_path / "number.json").write_text('[{"conversations": [{"from": "human", "value": 42}]}]\n', encoding="utf-8")
+    (tmp_path / "number_prompts.jsonl").write_text('{"text": "first"}\n{"text": 42}\n', encoding="utf-8")
+    # A rule set whose rules are a mapping instead of a list of groups.
+    (tmp_path / "conf" / "sla").mkdir(parents=True)
+    (tmp_path / "conf" / "sla" / "mapping_rules.yaml").write_text('rules:\n  p99_ttft: "<=1"\n', encoding="utf-8")
     return tmp_path
 
 
@@ -141,6 +164,33 @@ def test_missing_ray_rejected_before_setup(tmp_path, override, line):
     # Rejected before the simulated server started, and the empty run folder is gone.
     assert "simulated server" not in done.stdout + done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def module_installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+JOBLIB_INSTALLED = module_installed("hydra_plugins.hydra_joblib_launcher")
+
+
+@pytest.mark.skipif(JOBLIB_INSTALLED, reason="hydra-joblib-launcher is installed")
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", [[], ["-m"]], ids=["run", "multirun"])
+def test_missing_launcher_plugin_one_line(tmp_path, mode):
+    done = subprocess.run([sys.executable, "-m", "runner", *mode, f"hydra.run.dir={tmp_path}/run",
+                           f"hydra.sweep.dir={tmp_path}/sweep", "progress=false", "hydra/launcher=joblib"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: hydra/launcher=joblib needs the Hydra launcher plugin hydra-joblib-launcher, which is not "
+        "installed; run pip install hydra-joblib-launcher (or pip install -e '.[launchers]' in the runner's folder)"
+    ]
+    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_cases_cover_thirty_inputs():

@@ -293,6 +293,24 @@ def test_jsonl_bad_line(qwen_tokenizer, tmp_path, line, problem):
     assert data_error(dataset(DatasetKind.jsonl, path), qwen_tokenizer) == f"{path} line 1: {problem}"
 
 
+@pytest.mark.parametrize(("text", "problem"), [
+    ('[{"conversations": [{"from": "human", "value": 42}]}]',
+     "item [0]: conversations[0].value must be a string, got 42"),
+    ('[{"conversations": [{"from": "human", "value": "hi"}]}, {"messages": [{"role": "user", "content": ["hi"]}]}]',
+     'item [1]: messages[0].content must be a string, got ["hi"]'),
+    ('[{"conversations": [{"from": "human", "value": "hi"}, {"from": 1, "value": "hello"}]}]',
+     "item [0]: conversations[1].from must be a string, got 1"),
+    ('{"conversations": [{"from": "human", "value": "hi"}]}\n{"conversations": [{"from": "gpt", "value": true}]}',
+     "line 2: conversations[0].value must be a string, got true"),
+], ids=["number text", "list content", "number speaker", "jsonl line"])
+def test_sharegpt_wrong_field_type(qwen_tokenizer, tmp_path, text, problem):
+    path = tmp_path / "conversations.json"
+    path.write_text(text + "\n", encoding="utf-8")
+    assert data_error(dataset(DatasetKind.sharegpt, path), qwen_tokenizer) == (
+        f"{path} {problem}; fix or remove the conversation"
+    )
+
+
 def test_sharegpt_no_human_turn(qwen_tokenizer):
     assert data_error(dataset(DatasetKind.sharegpt, DATA / "no_human.json"), qwen_tokenizer) == (
         f"{DATA / 'no_human.json'}: none of the 2 conversations has a human turn with text; each needs a turn "

@@ -140,3 +140,81 @@ def test_recommendation_names_saturation():
     climbing = flat.assign(rps=[10.0, 20.0, 30.0, 40.0])
     assert recommendations(climbing) == [
         "The system seems not to have reached its performance bottleneck, try a higher parallel"]
+
+
+# A parallel tune whose throughput still climbs at the highest load probed.
+CLIMBING = pd.DataFrame({"parallel": [4, 5, 6, 8], "rate": [math.nan] * 4, "rps": [10.0, 12.5, 15.0, 20.0],
+                         "success_rate": [100.0] * 4})
+
+
+def sla_row(criteria, max_satisfied, last_pass, first_fail, note):
+    return {"criteria": criteria, "variable": "parallel", "max_satisfied": max_satisfied, "note": note,
+            "probes": 4, "seconds": 1.0, "last_pass": last_pass, "first_fail": first_fail}
+
+
+def test_tune_advice_without_higher_load():
+    from runner.console import SearchRange, recommendations
+
+    rows = [sla_row("p99_ttft <= 0.03", 5, 5, 6, "Satisfied")]
+
+    assert recommendations(CLIMBING, rows, SearchRange("parallel", 1, 16)) == []
+
+
+@pytest.mark.parametrize(("row", "search", "line"), [
+    (sla_row("p99_ttft <= 0.15", 8, 8, None, "upper bound reached"), ("parallel", 1, 8),
+     "SLA 1 (p99_ttft <= 0.15): every probe passed up to the upper bound 8; raise search.upper_bound (now 8) "
+     "to look further up"),
+    (sla_row("p99_ttft <= 0.001", None, None, 1, "failed at lower bound"), ("parallel", 1, 8),
+     "SLA 1 (p99_ttft <= 0.001): no load passed, not even parallel 1, so no concurrency meets these rules; "
+     "relax the rules or check the server"),
+    (sla_row("p99_ttft <= 0.001", None, None, 4, "failed at lower bound"), ("parallel", 4, 8),
+     "SLA 1 (p99_ttft <= 0.001): no load passed down to parallel 4; lower search.lower_bound (now 4) "
+     "to look further down"),
+    (sla_row("tps -> max", 8, 7, None, "Best tps: 617.4176"), ("parallel", 1, 8),
+     "SLA 1 (tps -> max): the best load is the upper bound 8; raise search.upper_bound (now 8) to look further up"),
+    (sla_row("tps -> max", 2, 2, 3, "Best tps: 617.4176"), ("parallel", 2, 8),
+     "SLA 1 (tps -> max): the best load is the lower bound 2; lower search.lower_bound (now 2) to look further down"),
+], ids=["upper bound reached", "nothing passed at 1", "nothing passed at 4", "objective at upper", "objective at lower"])
+def test_tune_advice_names_bound(row, search, line):
+    from runner.console import SearchRange, recommendations
+
+    assert recommendations(CLIMBING, [row], SearchRange(*search)) == [line]
+
+
+@pytest.mark.parametrize("note", ["client-bound at 8: schedule lateness p99 0.4 s", "interrupted: at least 4 passed"])
+def test_tune_advice_skips_client_bound(note):
+    from runner.console import SearchRange, recommendations
+
+    rows = [sla_row("p99_ttft <= 0.15", 4, 4, None, note)]
+
+    assert recommendations(CLIMBING, rows, SearchRange("parallel", 1, 8)) == []
+
+
+def test_sla_table_bracket_without_fail():
+    from runner.console import render_text, sla_table
+
+    text = render_text([sla_table([sla_row("p99_ttft <= 0.15", 8, 8, None, "upper bound reached"),
+                                   sla_row("p99_ttft <= 0.03", 5, 5, 6, "Satisfied")])])
+
+    assert "│ none failed up to 8 │" in text
+    assert "│ [5, 6)              │" in text
+
+
+def test_progress_counts_probes_without_total():
+    import io
+
+    from rich.console import Console
+
+    from runner.console import make_progress
+
+    buffer = io.StringIO()
+    with make_progress(Console(file=buffer, width=120, force_terminal=True, color_system=None), True) as progress:
+        search = progress.add_task("SLA search", total=None, status="", unit="probes")
+        repeat = progress.add_task("parallel 4 run 1", total=40, status="")
+        progress.update(search, advance=3)
+        progress.update(repeat, advance=12)
+
+    final = buffer.getvalue().rsplit("\r", 1)[-1]
+    assert "3 probes done" in final
+    assert "12/40" in final
+    assert "/?" not in buffer.getvalue()

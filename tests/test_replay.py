@@ -300,8 +300,12 @@ def test_bad_override_exits_2(tmp_path, capsys, monkeypatch, overrides, line):
     ("not json", "line 2 is not valid JSON"),
     ("[1, 2]", "line 2 is not a JSON object"),
     ('{"text": "a", "colour": 1}', "line 2 has unknown fields ['colour']"),
-    ('{"text": 5}', "line 2 has a field of the wrong type"),
-    ('{"text": "a", "token_ids": "12"}', "line 2 has a field of the wrong type"),
+    ('{"text": 5}', "line 2: field 'text' must be a string, got 5; fix the line"),
+    ('{"text": "a", "token_ids": "12"}', """line 2: field 'token_ids' must be a list of integers or null, got "12";"""),
+    ('{"text": "a", "token_ids": [1, 2.5]}', "line 2: field 'token_ids' must be a list of integers or null, got [1, 2.5]"),
+    ('{"text": "a", "prompt_tokens": true}', "line 2: field 'prompt_tokens' must be an integer, got true"),
+    ('{"text": "a", "max_tokens": "16"}', """line 2: field 'max_tokens' must be an integer or null, got "16";"""),
+    ('{"text": "a", "messages": "hi"}', """line 2: field 'messages' must be a list of message objects or null, got "hi";"""),
 ])
 def test_damaged_prompts_raise(tmp_path, line, message):
     path = tmp_path / "prompts.jsonl"

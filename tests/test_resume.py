@@ -131,3 +131,58 @@ def test_resume_accepts_endpoint_overrides():
 
     check_overrides(["endpoint.headers.Authorization=Bearer x", "endpoint.url=http://127.0.0.1:9/v1/completions",
                      "progress=false"])
+
+
+def write_archived_config(run_dir, **endpoint):
+    """Write a run folder's .hydra/config.yaml, as Hydra composes it, with ``endpoint`` keys changed."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import runner.__main__  # noqa: F401  (registers the run_schema that conf/config.yaml starts from)
+    from tests.paths import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        config = compose("config", overrides=["+sla=ttft_strict"])
+    for key, value in endpoint.items():
+        config.endpoint[key] = value
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(config, run_dir / ".hydra" / "config.yaml")
+
+
+def test_resume_rejects_redacted_header(tmp_path):
+    from runner.errors import ConfigError
+    from runner.resume import load_config
+
+    write_archived_config(tmp_path, headers={"Authorization": "<redacted>", "X-Team": "infra"})
+
+    with pytest.raises(ConfigError) as raised:
+        load_config(tmp_path, [])
+
+    assert str(raised.value).startswith(
+        f"endpoint.headers.Authorization is redacted in {tmp_path}/.hydra/config.yaml, so it cannot be sent again; "
+        "pass it as an override, for example 'endpoint.headers.Authorization=Bearer ${oc.env:TOKEN}'")
+    config = load_config(tmp_path, ["endpoint.headers.Authorization=Bearer abc123"])
+    assert config.endpoint.headers == {"Authorization": "Bearer abc123", "X-Team": "infra"}
+
+
+def test_resume_api_key_replaces_authorization(tmp_path):
+    from runner.resume import load_config
+
+    write_archived_config(tmp_path, headers={"Authorization": "<redacted>"}, api_key_env="RUNNER_TEST_KEY")
+
+    config = load_config(tmp_path, [])
+
+    assert config.endpoint.api_key_env == "RUNNER_TEST_KEY"
+
+
+def test_resume_rejects_redacted_url(tmp_path):
+    from runner.errors import ConfigError
+    from runner.resume import load_config
+
+    write_archived_config(tmp_path, kind="openai", url="http://127.0.0.1:9/v1/chat/completions?api_key=<redacted>")
+
+    with pytest.raises(ConfigError) as raised:
+        load_config(tmp_path, [])
+
+    assert str(raised.value) == (f"endpoint.url has a redacted credential in {tmp_path}/.hydra/config.yaml; "
+                                 "pass the full URL again: endpoint.url=URL")

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from aiohttp import web
 
@@ -79,3 +80,100 @@ def test_error_line_hides_secret_override(tmp_path):
 
     assert done.returncode == 2
     assert COOKIE_SECRET not in done.stderr + done.stdout
+
+
+TOKEN_VARIABLE = "RUNNER_TEST_TOKEN"
+
+
+def token_server() -> tuple[web.Application, list[str]]:
+    """Return a chat server that accepts only X-Api-Token: HEADER_SECRET, and the tokens it received."""
+    received: list[str] = []
+
+    async def token_chat(request: web.Request) -> web.StreamResponse:
+        received.append(request.headers.get("X-Api-Token", ""))
+        if received[-1] != HEADER_SECRET:
+            return web.json_response({"error": {"message": "invalid token"}}, status=401)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices":[{"index":0,"delta":{"content":"one"},"finish_reason":"stop"}]}\n\n')
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post(CHAT, token_chat)
+    return app, received
+
+
+async def run_module(*args: str, env: dict[str, str]) -> tuple[int, str]:
+    """Run ``python -m ARGS`` in the checkout and return its exit code and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", *args, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **env},
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), 80)
+    return process.returncode, stderr.decode()
+
+
+def measured_successes(run_dir: Path) -> int:
+    """Return how many measured requests (no warmup, no cooldown) of a run succeeded."""
+    frame = pd.read_csv(run_dir / "requests.csv")
+    measured = frame[~frame["warmup"] & ~frame["cooldown"]]
+    return int(measured["success"].sum())
+
+
+@pytest.mark.timeout(120)
+async def test_replay_rejects_redacted_header(aiohttp_server, tmp_path):
+    app, received = token_server()
+    server = await aiohttp_server(app)
+    url = f"http://127.0.0.1:{server.port}{CHAT}"
+    code, stderr = await run_module(
+        "runner", f"hydra.run.dir={tmp_path}/original", "progress=false", "load.number=4", "load.warmup=0",
+        "endpoint=openai", f"endpoint.url={url}", f"+endpoint.headers.X-Api-Token={HEADER_SECRET}", env={})
+    assert code == 0, stderr
+    sent_by_original = len(received)
+
+    code, stderr = await run_module("runner.replay", f"{tmp_path}/original", "--out", f"{tmp_path}/replay", env={})
+
+    assert code == 2
+    config = tmp_path / "original" / ".hydra" / "config.yaml"
+    assert stderr.strip().splitlines() == [
+        f"error: endpoint.headers.X-Api-Token is redacted in {config}, so it cannot be sent again; pass it as an "
+        "override, for example 'endpoint.headers.X-Api-Token=${oc.env:TOKEN}' to read it from the environment "
+        "variable TOKEN (or endpoint.api_key_env=TOKEN for an API key sent as Authorization: Bearer)"
+    ]
+    assert len(received) == sent_by_original
+    assert not (tmp_path / "replay").exists()
+
+    code, stderr = await run_module(
+        "runner.replay", f"{tmp_path}/original", "--out", f"{tmp_path}/replay",
+        f"endpoint.headers.X-Api-Token=${{oc.env:{TOKEN_VARIABLE}}}", env={TOKEN_VARIABLE: HEADER_SECRET})
+
+    assert code == 0, stderr
+    assert measured_successes(tmp_path / "replay") == 4
+    assert set(received) == {HEADER_SECRET}
+    assert scan(tmp_path, [HEADER_SECRET]) == []
+
+
+@pytest.mark.timeout(120)
+async def test_replay_reads_header_from_environment(aiohttp_server, tmp_path):
+    app, received = token_server()
+    server = await aiohttp_server(app)
+    url = f"http://127.0.0.1:{server.port}{CHAT}"
+    reference = f"${{oc.env:{TOKEN_VARIABLE}}}"
+    code, stderr = await run_module(
+        "runner", f"hydra.run.dir={tmp_path}/original", "progress=false", "load.number=4", "load.warmup=0",
+        "endpoint=openai", f"endpoint.url={url}", f"+endpoint.headers.X-Api-Token={reference}",
+        env={TOKEN_VARIABLE: HEADER_SECRET})
+    assert code == 0, stderr
+    config = (tmp_path / "original" / ".hydra" / "config.yaml").read_text()
+    assert f"X-Api-Token: {reference}" in config
+
+    code, stderr = await run_module("runner.replay", f"{tmp_path}/original", "--out", f"{tmp_path}/replay",
+                                    env={TOKEN_VARIABLE: HEADER_SECRET})
+
+    assert code == 0, stderr
+    assert measured_successes(tmp_path / "original") == 4
+    assert measured_successes(tmp_path / "replay") == 4
+    assert set(received) == {HEADER_SECRET}
+    assert scan(tmp_path, [HEADER_SECRET]) == []

@@ -151,3 +151,25 @@ def test_interrupt_writes_partial_results(tmp_path, whole_group):
     first_probe = requests[(requests["value"] == start) & ~requests["cooldown"]]
     assert len(first_probe) == number + start
     assert first_probe["success"].all()
+
+
+@pytest.mark.timeout(120)
+def test_tune_at_upper_bound_advises_raising_it(tmp_path):
+    run_dir = tmp_path / "run"
+    # Probes 4 and 8, both far below the 0.3 s limit, and 8 is the upper bound.
+    completed = run_runner(
+        run_dir, *SHARP_RULE, "load.parallel=4", "search.upper_bound=8", "search.num_runs=1",
+        "search.min_requests=16", "search.requests_per_unit=0", "load.calibrate=false", *SHARP_SERVER, timeout=110,
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    row = pd.read_csv(run_dir / "sla_summary.csv").iloc[0]
+    assert row["max_satisfied"] == 8
+    assert row["note"] == "upper bound reached"
+    assert pd.isna(row["first_fail"])
+    # rich wraps lines at 120 columns, so whitespace is compared collapsed.
+    text = " ".join((run_dir / "performance_summary.txt").read_text().split())
+    assert ("• SLA 1 (p99_ttft <= 0.3): every probe passed up to the upper bound 8; raise search.upper_bound "
+            "(now 8) to look further up") in text
+    assert "try a higher" not in text
+    assert "none failed up to 8" in text

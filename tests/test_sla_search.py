@@ -365,6 +365,9 @@ async def test_max_objective_peak_at_upper_bound():
     prober = FakeProber()
     (answer,) = await make_tuner([{"tps": "max"}], prober, start=16, upper_bound=200).run()
     assert answer.max_satisfied == 200
+    # Nothing above the upper bound was measured, so the bracket has no upper end.
+    assert answer.first_fail is None
+    assert answer.last_pass == 199
 
 
 async def test_max_objective_skips_failed_probes():

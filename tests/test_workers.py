@@ -472,3 +472,34 @@ def test_ctrl_c_stops_workers(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    from runner import worker_count
+
+    monkeypatch.setattr(worker_count, "_warned", set())
+    monkeypatch.setattr(worker_count, "usable_cores", lambda: 2)
+    return worker_count
+
+
+def test_worker_cap_warns_once(fresh_warnings, caplog):
+    plan = LoadPlan(parallel=None, rate=50.0, number=3)
+    for _ in range(3):
+        fresh_warnings.warn_if_capped(4, plan, len(split_plan(plan, 4)), local=True)
+
+    assert [record.getMessage() for record in caplog.records] == [
+        "load.workers=4, but only 3 workers are used: each worker needs at least one concurrency slot and one "
+        "request, and this load point has no slot cap and 3 requests",
+        "3 load worker processes run on 2 usable CPU cores, so they share cores and their schedule lateness and "
+        "event-loop lag grow; set load.workers to 2 or fewer",
+    ]
+
+
+def test_ray_actors_skip_core_warning(fresh_warnings, caplog):
+    plan = LoadPlan(parallel=8, rate=None, number=100)
+
+    fresh_warnings.warn_if_capped(4, plan, len(split_plan(plan, 4)), local=False)
+    fresh_warnings.warn_if_capped(2, plan, len(split_plan(plan, 2)), local=True)
+
+    assert caplog.records == []

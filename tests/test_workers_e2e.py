@@ -57,3 +57,18 @@ def test_two_workers_match_one_process(tmp_path):
     log = (multi / "runner.log").read_text()
     assert "parallel 4 run 1, load worker 0:" in log
     assert "parallel 4 run 1, load worker 1:" in log
+
+
+@pytest.mark.timeout(120)
+def test_workers_above_slots_warn(tmp_path):
+    command = [sys.executable, "-m", "runner", *RUN, "load.parallel=2", "load.number=4", "load.workers=5",
+               f"hydra.run.dir={tmp_path}"]
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=100)
+
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    log = (tmp_path / "runner.log").read_text()
+    warning = ("load.workers=5, but only 2 workers are used: each worker needs at least one concurrency slot and "
+               "one request, and this load point has load.parallel=2 concurrency slots and 8 requests")
+    assert log.count(warning) == 1
+    assert "parallel 2 run 1, load worker 1:" in log
+    assert "parallel 2 run 1, load worker 2:" not in log

@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from runner.client.record import Prompt
 from runner.config import Api, DatasetConfig, DatasetKind
@@ -78,15 +78,29 @@ def _prompt_record(line: str, where: str) -> Prompt:
     unknown = sorted(set(record) - _PROMPT_FIELDS)
     if unknown:
         raise DataError(f"{where} has unknown fields {unknown}; expected only {sorted(_PROMPT_FIELDS)}")
-    prompt = Prompt(**record)
-    valid = (
-        isinstance(prompt.text, str)
-        and (prompt.messages is None or isinstance(prompt.messages, list))
-        and (prompt.token_ids is None or (isinstance(prompt.token_ids, list)
-                                          and all(isinstance(t, int) for t in prompt.token_ids)))
-        and isinstance(prompt.prompt_tokens, int)
-        and (prompt.max_tokens is None or isinstance(prompt.max_tokens, int))
-    )
-    if not valid:
-        raise DataError(f"{where} has a field of the wrong type; expected the types of runner.client.record.Prompt")
-    return prompt
+    for name, value in record.items():
+        expected, check = _PROMPT_TYPES[name]
+        if not check(value):
+            quoted = json.dumps(value, ensure_ascii=False)
+            quoted = quoted if len(quoted) <= 60 else quoted[:60] + "..."
+            raise DataError(f"{where}: field '{name}' must be {expected}, got {quoted}; "
+                            "fix the line or pass the prompts.jsonl that a run wrote")
+    return Prompt(**record)
+
+
+def _is_int(value: Any) -> bool:
+    # JSON true and false load as bool, a subclass of int.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Field of a prompt record -> (expected type as a message states it, check of a value).
+_PROMPT_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "text": ("a string", lambda value: isinstance(value, str)),
+    "messages": ("a list of message objects or null",
+                 lambda value: value is None or (isinstance(value, list)
+                                                 and all(isinstance(item, dict) for item in value))),
+    "token_ids": ("a list of integers or null",
+                  lambda value: value is None or (isinstance(value, list) and all(_is_int(item) for item in value))),
+    "prompt_tokens": ("an integer", _is_int),
+    "max_tokens": ("an integer or null", lambda value: value is None or _is_int(value)),
+}

@@ -254,6 +254,7 @@ def _conversation_record(item: Any, where: str) -> Optional[_Record]:
     Turns may use ShareGPT's from/value keys or OpenAI's role/content keys.
     """
     turns = item.get("conversations", item.get("messages")) if isinstance(item, dict) else None
+    list_key = "conversations" if isinstance(item, dict) and "conversations" in item else "messages"
     if not isinstance(turns, list):
         got = f"keys: {_keys(item)}" if isinstance(item, dict) else f"got {_show(item)}"
         raise DataError(
@@ -261,15 +262,15 @@ def _conversation_record(item: Any, where: str) -> Optional[_Record]:
             "fix or remove the conversation"
         )
     record: Optional[_Record] = None
-    for turn in turns:
+    for index, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise DataError(
                 f"{where}: each turn must be an object with from/value or role/content, got {_show(turn)}; "
                 "fix or remove the conversation"
             )
-        speaker = turn.get("from", turn.get("role"))
-        text = turn.get("value", turn.get("content"))
-        if not isinstance(text, str):
+        speaker = _turn_string(turn, ("from", "role"), f"{where}: {list_key}[{index}]")
+        text = _turn_string(turn, ("value", "content"), f"{where}: {list_key}[{index}]")
+        if text is None:
             continue
         if record is None and speaker in HUMAN_SPEAKERS and text.strip():
             record = _Record(where, text=text)
@@ -277,6 +278,22 @@ def _conversation_record(item: Any, where: str) -> Optional[_Record]:
             record.reply = text
             break
     return record
+
+
+def _turn_string(turn: dict[str, Any], names: tuple[str, str], where: str) -> Optional[str]:
+    """Return the first of ``names`` present in ``turn``; None when both are missing or null.
+
+    ``where`` names the file, the conversation and the turn. Raises DataError naming the
+    field for any value that is not a string.
+    """
+    for name in names:
+        value = turn.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise DataError(f"{where}.{name} must be a string, got {_show(value)}; fix or remove the conversation")
+        return value
+    return None
 
 
 # --- counting and filtering ----------------------------------------------------------------

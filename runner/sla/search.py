@@ -307,7 +307,10 @@ class SlaTuner:
         if state.client_limit is not None:
             note += f"; {state.client_text()}"
         answer = self._answer(state, best, note)
-        answer.last_pass, answer.first_fail = self._load(left), self._load(right)
+        # When the best load is the highest one probed (the upper bound), no load above it
+        # was measured, so the bracket has no upper end.
+        answer.last_pass = self._load(left)
+        answer.first_fail = self._load(right) if right > best else None
         answer.best_metric = metric
         return answer
 
