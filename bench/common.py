@@ -10,8 +10,11 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
+
+from bench.servers import pin_to
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -32,10 +35,15 @@ def machine_line() -> str:
     return f"{today}; {model}; {os.cpu_count()} cores; load average {load:.2f}; Python {platform.python_version()}"
 
 
-def run_runner(out_dir: Path, *overrides: str, timeout: float = 1800) -> subprocess.CompletedProcess:
-    """Run ``python -m runner`` into ``out_dir`` with the given overrides; raise if it fails."""
+def run_runner(out_dir: Path, *overrides: str, timeout: float = 1800,
+               cpus: Optional[set[int]] = None) -> subprocess.CompletedProcess:
+    """Run ``python -m runner`` into ``out_dir`` with the given overrides; raise if it fails.
+
+    ``cpus`` restricts the runner and its children to those CPUs (None: any).
+    """
     command = [sys.executable, "-m", "runner", f"hydra.run.dir={out_dir}", "progress=false", *overrides]
-    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                               preexec_fn=pin_to(cpus))
     if completed.returncode != 0:
         raise RuntimeError(f"runner failed ({completed.returncode}): {' '.join(command)}\n{completed.stderr[-2000:]}")
     return completed

@@ -8,11 +8,16 @@ in its own HTTP chunk. With `--gap-ms 0` (the default)
 the whole response goes out in one write, so the server spends a few microseconds per
 request and a client on the same machine cannot outrun it. It is a raw asyncio protocol on
 uvloop rather than an aiohttp app because aiohttp's request handling would cost several
-times more CPU per request than the clients it measures.
+times more CPU per request than the clients it measures. With a gap, the first token
+follows `--ttft-ms` after the request and each later token one gap after the previous.
 
-The server logs, per request, when it finished reading the request and when it wrote the
-last chunk (`time.perf_counter()` seconds, CLOCK_MONOTONIC on Linux, so comparable with
-the parent process), and its own CPU seconds. It prints `listening PORT` once ready and
+The server logs, per request, when the request arrived and when it wrote the last chunk
+(`time.perf_counter()` seconds, CLOCK_MONOTONIC on Linux, so comparable with the parent
+process), and its own CPU seconds. With a gap (the timing benchmark), the arrival is the
+kernel's receive time of the request's last bytes (SO_TIMESTAMPNS), and the time the server
+parsed the request is logged beside it. Parsing comes later whenever the server is busy,
+for example when 128 requests arrive within a millisecond, and TTFT counted from it would
+leave that wait out of the truth and add it to the client's error. It prints `listening PORT` once ready and
 writes the log as JSON when it gets SIGTERM or SIGINT, or after `--max-seconds`.
 
 `FastServer` starts and stops that process from the benchmark.
@@ -24,14 +29,17 @@ import argparse
 import asyncio
 import functools
 import json
+import os
 import resource
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from runner.nullserver import next_request
 
@@ -106,6 +114,14 @@ def _prompt_tokens(body: dict[str, Any]) -> int:
     return max(1, chars // 4)
 
 
+def _tail(body: dict[str, Any], tokens: int) -> bytes:
+    """Return the finish chunk, the usage chunk if asked for, and [DONE] of a streamed response."""
+    # As in vLLM, the usage chunk is sent only when the request sets include_usage.
+    options = body.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage")
+    return _FINISH + (_usage_event(_prompt_tokens(body), tokens) if include_usage else b"") + _DONE
+
+
 def _plain_response(status: str, body: bytes, content_type: bytes = b"application/json") -> bytes:
     return b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s" % (
         status.encode(), content_type, len(body), body)
@@ -120,35 +136,28 @@ class Log:
     tokens: list[int] = field(default_factory=list)
     # Seconds from arrival to the write of the first token chunk (paced responses only).
     first_token: list[float] = field(default_factory=list)
+    # Paced responses only: when the server parsed the request (perf_counter seconds).
+    parsed: list[float] = field(default_factory=list)
+    # Paced responses only: reads that came without a kernel timestamp and were stamped on reading.
+    unstamped: int = 0
 
 
 class StreamProtocol(asyncio.Protocol):
-    """One HTTP/1.1 keep-alive connection; the server responds to its requests in order."""
+    """One HTTP/1.1 keep-alive connection of the zero-gap server; it answers requests in order."""
 
-    def __init__(self, log: Log, gap: float, ttft: Optional[float] = None) -> None:
+    def __init__(self, log: Log) -> None:
         self.log = log
-        self.gap = gap
-        # Seconds from a request's arrival to its first token; None: one gap.
-        self.ttft = gap if ttft is None else ttft
         self.buffer = bytearray()
         self.transport: Optional[asyncio.Transport] = None
-        # With a gap, a response is written by a task; later requests on the connection wait for it.
-        self.busy: Optional[asyncio.Task[None]] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a TCP server's transports are Transports
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.transport = None
-        if self.busy is not None:
-            self.busy.cancel()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        if self.busy is None:
-            self._process()
-
-    def _process(self) -> None:
         while self.transport is not None:
             try:
                 request = next_request(self.buffer)
@@ -157,10 +166,7 @@ class StreamProtocol(asyncio.Protocol):
                 return
             if request is None:
                 return
-            method, path, body, close = request
-            self._respond(method, path, body, close)
-            if self.busy is not None:
-                return
+            self._respond(*request)
 
     def _respond(self, method: str, path: str, raw: bytes, close: bool) -> None:
         transport = self.transport
@@ -181,10 +187,6 @@ class StreamProtocol(asyncio.Protocol):
             transport.write(_plain_response("400 Bad Request", b'{"error":{"message":"invalid JSON"}}'))
             return
         tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_TOKENS)
-        # As in vLLM, the usage chunk is sent only when the request sets include_usage.
-        options = body.get("stream_options")
-        usage = _usage_event(_prompt_tokens(body), tokens) if isinstance(options, dict) and options.get("include_usage") else b""
-        tail = _FINISH + usage + _DONE
         if not body.get("stream"):
             message = {"id": "chatcmpl-bench", "object": "chat.completion", "model": "bench",
                        "choices": [{"index": 0, "message": {"role": "assistant", "content": " hi" * tokens},
@@ -192,45 +194,197 @@ class StreamProtocol(asyncio.Protocol):
                        "usage": {"prompt_tokens": _prompt_tokens(body), "completion_tokens": tokens,
                                  "total_tokens": _prompt_tokens(body) + tokens}}
             transport.write(_plain_response("200 OK", json.dumps(message).encode()))
-            self._record(arrival, tokens)
-        elif self.gap <= 0:
-            transport.write(_whole_stream(connection, tokens, tail))
-            self._record(arrival, tokens)
         else:
-            self.busy = asyncio.get_running_loop().create_task(self._paced(arrival, tokens, connection, tail))
-            return
+            transport.write(_whole_stream(connection, tokens, _tail(body, tokens)))
+        self._record(arrival, tokens)
         if close:
             transport.close()
 
-    async def _paced(self, arrival: float, tokens: int, connection: bytes, tail: bytes) -> None:
+    def _record(self, arrival: float, tokens: int) -> None:
+        self.log.arrival.append(arrival)
+        self.log.last_chunk.append(time.perf_counter())
+        self.log.tokens.append(tokens)
+
+
+# struct timespec as SO_TIMESTAMPNS delivers it on 64-bit Linux.
+_TIMESPEC = struct.Struct("@qq")
+_SCM_TIMESTAMPNS = getattr(socket, "SCM_TIMESTAMPNS", 35)
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+
+
+def _kernel_arrival(ancillary: list[tuple[int, int, bytes]]) -> Optional[float]:
+    """Return the receive time of a recvmsg's last bytes, in perf_counter seconds, or None.
+
+    The kernel stamps with CLOCK_REALTIME. Only the age of the stamp (now minus stamp) is
+    taken from that clock, so the offset between the two clocks cancels out.
+    """
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == _SCM_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(data)
+            age = time.time() - (seconds + nanoseconds * 1e-9)
+            return time.perf_counter() - max(age, 0.0)
+    return None
+
+
+class PacedConnection:
+    """One keep-alive connection of the paced server, read with recvmsg for kernel arrival times.
+
+    asyncio transports read with recv, which drops the kernel's receive timestamps, so this
+    connection registers its socket with the loop directly. Requests on one connection are
+    answered one after another, as HTTP/1.1 without pipelining requires.
+    """
+
+    def __init__(self, sock: socket.socket, log: Log, gap: float, ttft: float) -> None:
+        self.sock = sock
+        self.log = log
+        self.gap = gap
+        self.ttft = ttft
+        self.loop = asyncio.get_running_loop()
+        self.buffer = bytearray()
+        self.arrival = 0.0
+        self.outbox = bytearray()
+        self.busy: Optional[asyncio.Task[None]] = None
+        self.open = True
+        self.loop.add_reader(sock.fileno(), self._readable)
+
+    def close(self) -> None:
+        if not self.open:
+            return
+        self.open = False
+        self.loop.remove_reader(self.sock.fileno())
+        if self.outbox:
+            self.loop.remove_writer(self.sock.fileno())
+        if self.busy is not None:
+            self.busy.cancel()
+        self.sock.close()
+
+    def _readable(self) -> None:
         try:
-            transport = self.transport
-            assert transport is not None
-            transport.write(_STREAM_HEAD + connection + _ROLE)
+            data, ancillary, _, _ = self.sock.recvmsg(65536, 256)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        if not data:
+            self.close()
+            return
+        arrival = _kernel_arrival(ancillary)
+        if arrival is None:
+            self.log.unstamped += 1
+            arrival = time.perf_counter()
+        self.arrival = arrival
+        self.buffer += data
+        if self.busy is None:
+            self._process()
+
+    def _process(self) -> None:
+        while self.open and self.busy is None:
+            try:
+                request = next_request(self.buffer)
+            except ValueError:
+                self.close()
+                return
+            if request is None:
+                return
+            method, path, raw, close = request
+            parsed = time.perf_counter()
+            if method != "POST":
+                self._write(_plain_response("200 OK", _MODELS if path.rstrip("/").endswith("/models") else b"{}"))
+                continue
+            try:
+                body = _loads(raw)
+            except ValueError:
+                self._write(_plain_response("400 Bad Request", b'{"error":{"message":"invalid JSON"}}'))
+                continue
+            tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_TOKENS)
+            self.busy = self.loop.create_task(self._paced(self.arrival, parsed, tokens, close, _tail(body, tokens)))
+
+    def _write(self, data: bytes) -> None:
+        if self.outbox:
+            self.outbox += data
+            return
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close()
+            return
+        if sent < len(data):
+            self.outbox += data[sent:]
+            self.loop.add_writer(self.sock.fileno(), self._writable)
+
+    def _writable(self) -> None:
+        try:
+            sent = self.sock.send(self.outbox)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        del self.outbox[:sent]
+        if not self.outbox:
+            self.loop.remove_writer(self.sock.fileno())
+
+    async def _paced(self, arrival: float, parsed: float, tokens: int, close: bool, tail: bytes) -> None:
+        connection = b"Connection: close\r\n\r\n" if close else b"\r\n"
+        first: Optional[float] = None
+        try:
+            self._write(_STREAM_HEAD + connection + _ROLE)
             # Absolute deadlines, so a late wake-up does not push the later tokens back.
             for i in range(tokens):
                 delay = arrival + self.ttft + i * self.gap - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                if self.transport is None:
+                if not self.open:
                     return
-                transport.write(_TOKEN)
+                self._write(_TOKEN)
                 if i == 0:
                     first = time.perf_counter()
-            transport.write(tail)
-            self._record(arrival, tokens, first if tokens else None)
-            if connection.startswith(b"Connection: close"):
-                transport.close()
+            self._write(tail)
+            log = self.log
+            if first is not None:
+                log.first_token.append(first - arrival)
+            log.arrival.append(arrival)
+            log.parsed.append(parsed)
+            log.last_chunk.append(time.perf_counter())
+            log.tokens.append(tokens)
+            if close:
+                self.close()
+                return
         finally:
             self.busy = None
         self._process()
 
-    def _record(self, arrival: float, tokens: int, first_token: Optional[float] = None) -> None:
-        if first_token is not None:
-            self.log.first_token.append(first_token - arrival)
-        self.log.arrival.append(arrival)
-        self.log.last_chunk.append(time.perf_counter())
-        self.log.tokens.append(tokens)
+
+async def _serve_paced(port: int, log: Log, gap: float, ttft: float) -> tuple[socket.socket, list[PacedConnection]]:
+    """Listen on 127.0.0.1 for the paced server; return the socket and its live connections."""
+    loop = asyncio.get_running_loop()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Set on the listener, so that connections inherit it from the start: bytes that arrive
+    # before the server accepts a connection are stamped too.
+    listener.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    listener.bind(("127.0.0.1", port))
+    # A large backlog: the default of 100 drops SYNs of a burst of 256 connections, and the
+    # kernel retries them only after a second.
+    listener.listen(4096)
+    listener.setblocking(False)
+    connections: list[PacedConnection] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connections.append(PacedConnection(sock, log, gap, ttft))
+
+    loop.add_reader(listener.fileno(), accept)
+    return listener, connections
 
 
 async def serve(port: int, gap: float, log_path: Path, max_seconds: float, ttft: Optional[float] = None) -> None:
@@ -241,16 +395,28 @@ async def serve(port: int, gap: float, log_path: Path, max_seconds: float, ttft:
         loop.add_signal_handler(signum, stop.set)
     # A large backlog: the default of 100 drops SYNs of a burst of 256 connections, and the
     # kernel retries them only after a second.
-    server = await loop.create_server(lambda: StreamProtocol(log, gap, ttft), "127.0.0.1", port, backlog=4096)
-    print(f"listening {server.sockets[0].getsockname()[1]}", flush=True)
+    if gap > 0:
+        listener, connections = await _serve_paced(port, log, gap, gap if ttft is None else ttft)
+        bound = listener.getsockname()[1]
+    else:
+        server = await loop.create_server(lambda: StreamProtocol(log), "127.0.0.1", port, backlog=4096)
+        bound = server.sockets[0].getsockname()[1]
+    print(f"listening {bound}", flush=True)
     try:
         await asyncio.wait_for(stop.wait(), max_seconds)
     except TimeoutError:
         pass
-    server.close()
+    if gap > 0:
+        loop.remove_reader(listener.fileno())
+        listener.close()
+        for connection in connections:
+            connection.close()
+    else:
+        server.close()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result = {"arrival": log.arrival, "last_chunk": log.last_chunk, "tokens": log.tokens,
-              "first_token": log.first_token,
+              "first_token": log.first_token, "parsed": log.parsed,
+              "unstamped": log.unstamped,
               "cpu_seconds": usage.ru_utime + usage.ru_stime}
     log_path.write_text(json.dumps(result))
 
@@ -285,14 +451,25 @@ class ServerLog:
     # The server's own user + system CPU seconds over its whole life.
     cpu_seconds: float
     first_token: list[float] = field(default_factory=list)
+    parsed: list[float] = field(default_factory=list)
+    unstamped: int = 0
+
+
+def pin_to(cpus: Optional[set[int]]) -> Optional[Callable[[], None]]:
+    """Return a preexec_fn that restricts a child process to ``cpus``, or None for no restriction."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
 
 
 class FastServer:
     """Run `python -m bench.servers` as a child process inside `with`; `log` is set on exit."""
 
     def __init__(self, log_path: Path, *, gap_ms: float = 0.0, ttft_ms: Optional[float] = None,
-                 max_seconds: float = 1800.0) -> None:
+                 max_seconds: float = 1800.0, cpus: Optional[set[int]] = None) -> None:
         self.log_path = log_path
+        # CPUs the server may run on (None: any).
+        self.cpus = cpus
         self.gap_ms = gap_ms
         self.ttft_ms = ttft_ms
         self.max_seconds = max_seconds
@@ -310,7 +487,8 @@ class FastServer:
         if self.ttft_ms is not None:
             command += ["--ttft-ms", str(self.ttft_ms)]
         repo = Path(__file__).resolve().parent.parent
-        self.process = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, text=True,
+                                        preexec_fn=pin_to(self.cpus))
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
         if not line.startswith("listening "):
@@ -333,7 +511,7 @@ class FastServer:
         if self.log_path.exists():
             data = json.loads(self.log_path.read_text())
             self.log = ServerLog(data["arrival"], data["last_chunk"], data["tokens"], data["cpu_seconds"],
-                                 data.get("first_token", []))
+                                 data.get("first_token", []), data.get("parsed", []), data.get("unstamped", 0))
 
     @property
     def pid(self) -> int:
