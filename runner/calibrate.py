@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from runner.client.finalize import finalize
+from runner.client.finalize import BatchFinalizer
 from runner.client.openai import OpenAIClient
 from runner.client.record import Prompt, RequestRecord
 from runner.client.response import one_line
@@ -192,9 +192,8 @@ async def _measure(config: RunConfig, prompts: Sequence[Prompt], count_tokens: O
     samples = PointSamples()
     writer = RequestsWriter(Path(os.devnull))
 
-    def on_record(record: RequestRecord) -> None:
+    def on_final(record: RequestRecord, itl: list[float]) -> None:
         # The same per-request work as the run's prober.
-        itl = finalize(record, count_tokens)
         row = record_row(record, itl, origin=0.0, variable="calibration", value=parallel, repeat=0)
         samples.add(row)
         writer.add(row)
@@ -206,10 +205,14 @@ async def _measure(config: RunConfig, prompts: Sequence[Prompt], count_tokens: O
 
     # The key itself is not needed by the null server, so it stays out of these requests.
     endpoint = dataclasses.replace(config.endpoint, api_key_env=None)
+    finalizer = BatchFinalizer(count_tokens, on_final)
     try:
         outcome, cpu_seconds = await _send(config, plan, endpoint, base_url, workers, client_args, prompts,
-                                           on_record, count_tokens is not None)
+                                           finalizer.add, count_tokens is not None)
+        await finalizer.drain()
     finally:
+        finalizer.drain_now()
+        finalizer.close()
         writer.close()
 
     order = np.argsort(ended)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from runner.calibrate import Ceiling, ceiling_note
-from runner.client.finalize import finalize
+from runner.client.finalize import BatchFinalizer
 from runner.client.openai import OpenAIClient
 from runner.config import RunConfig, SearchVariable
 from runner.load import LoadPlan, WorkerStats, run_load
@@ -197,9 +197,8 @@ class LoadPointProber:
         started_at = now_iso()
         recorded = 0
 
-        def on_record(record: Any) -> None:
+        def on_final(record: Any, itl: list[float]) -> None:
             nonlocal recorded
-            itl = finalize(record, self.count_tokens)
             row = record_row(record, itl, origin=self.origin, variable=self.variable, value=value, repeat=repeat)
             samples.add(row)
             self.writer.add(row)
@@ -210,6 +209,8 @@ class LoadPointProber:
             if self.guard.observe(record) and not load.done():
                 load.cancel()  # every request so far failed, so stop before sending more
 
+        finalizer = BatchFinalizer(self.count_tokens, on_final)
+        on_record = finalizer.add
         workers = workers_for(self.config.load, plan)
         if self.client_args is not None and (workers > 1 or self.config.load.uses_ray):
             coroutine = run_load_in_workers(plan, workers, self.client_args, self.prompts, on_record,
@@ -221,12 +222,16 @@ class LoadPointProber:
         load = asyncio.create_task(coroutine)
         try:
             outcome = await load
+            await finalizer.drain()
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if self.guard.error is not None and current is not None and not current.cancelling():
                 raise self.guard.error from None
             raise
         finally:
+            # Records still being counted are written too, so an interrupted run keeps them.
+            finalizer.drain_now()
+            finalizer.close()
             self.writer.flush()
             # Cached points keep nothing in memory between repeats.
             samples.spill()

@@ -50,13 +50,41 @@ def load_tokenizer(spec: str) -> Any:
         ) from exc
 
 
-def token_counter(tokenizer: Any):
+class TokenCounter:
+    """Counts the tokens of texts, special tokens excluded.
+
+    A fast tokenizer is called through its Rust backend, with the settings under which
+    transformers 5.25's ``encode(text, add_special_tokens=False)`` calls it (checked at
+    construction, see ``WorkerTokenCounter``). ``count_many`` then uses ``encode_batch``.
+    That call releases the GIL while it encodes, so a thread can count while the event loop
+    runs; ``encode`` of one text keeps the GIL. Any other tokenizer is called through
+    ``encode`` for both, and ``releases_gil`` is False.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        split_special = bool(getattr(tokenizer, "split_special_tokens", False))
+        plain = (backend is not None and backend.truncation is None and backend.padding is None
+                 and getattr(backend, "encode_special_tokens", split_special) == split_special)
+        self._backend = backend if plain else None
+        self.releases_gil = self._backend is not None
+
+    def __call__(self, text: str) -> int:
+        if self._backend is not None:
+            return len(self._backend.encode(text, add_special_tokens=False))
+        return len(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def count_many(self, texts: list[str]) -> list[int]:
+        """Return the token count of each text, in order."""
+        if self._backend is not None:
+            return [len(encoding) for encoding in self._backend.encode_batch(texts, add_special_tokens=False)]
+        return [self(text) for text in texts]
+
+
+def token_counter(tokenizer: Any) -> TokenCounter:
     """Return a function that counts the tokens of a text, special tokens excluded."""
-
-    def count(text: str) -> int:
-        return len(tokenizer.encode(text, add_special_tokens=False))
-
-    return count
+    return TokenCounter(tokenizer)
 
 
 class WorkerTokenCounter:
