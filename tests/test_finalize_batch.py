@@ -91,13 +91,14 @@ def test_batch_counts_off_the_loop_thread(qwen_tokenizer):
 
     asyncio.run(finalize_all(finalizer, sample_records()))
 
-    # Records 0, 1, 2, 3 and 4 need a whole-text count (5 succeeded with usage but failed);
-    # they go in batches of 2, 2 and 1, all on the counting thread.
-    assert len(counter.batch_threads) == 3
+    # Records 0, 1 and 2 succeeded with text, so they go to the thread in batches of 2 and 1.
+    # Record 3 has no text, and 4 and 5 failed: those are finalized at once.
+    assert len(counter.batch_threads) == 2
     assert all(name.startswith("token-count") for name in counter.batch_threads)
     # Where the count differs from the number of chunks, ITL counts each later chunk in the
     # loop: 3 chunks of record 1 (usage 9, 4 chunks) and 2 of record 2 (4 tokens, 3 chunks).
-    assert counter.single_calls == 5
+    # The whole texts of record 3 (empty) and record 4 (failed, no usage) are counted there too.
+    assert counter.single_calls == 7
 
 
 def test_counter_holding_gil_counts_inline(qwen_tokenizer):
@@ -118,18 +119,22 @@ def test_counter_holding_gil_counts_inline(qwen_tokenizer):
 def test_drain_now_applies_waiting_records(qwen_tokenizer):
     counter = CountingCounter(token_counter(qwen_tokenizer))
     done: list[int] = []
-    finalizer = BatchFinalizer(counter, lambda record, itl: done.append(record.request_id), batch_size=3,
+    finalizer = BatchFinalizer(counter, lambda record, itl: done.append(record.request_id), batch_size=2,
                                max_delay=60.0)
+    before_drain: list[int] = []
 
     async def add_and_stop() -> None:
         for record in sample_records():
             finalizer.add(record)
-        # Records 0 to 2 are on the thread, 3 and 4 wait for a batch that would start in 60 s.
+        # Records 0 and 1 are on the thread, 2 waits for a batch that would start in 60 s,
+        # and 3 to 5 needed no thread.
+        before_drain.extend(done)
         finalizer.drain_now()
 
     asyncio.run(add_and_stop())
     finalizer.close()
 
+    assert before_drain == [3, 4, 5]
     assert sorted(done) == [0, 1, 2, 3, 4, 5]
 
 

@@ -63,8 +63,8 @@ class BatchFinalizer:
     (see ``runner.tokenizer.TokenCounter``), up to ``batch_size`` texts are counted at a
     time on one thread. A record waits at most ``max_delay`` seconds for its batch to start.
     ``on_final(record, itl)`` then runs in the event loop, in the order batches finish.
-    Records that need no count, and every record when the counter cannot count off the
-    event loop, are finalized at once.
+    Failed records, records that need no count, and every record when the counter cannot
+    count off the event loop are finalized at once.
     """
 
     def __init__(self, count_tokens: Optional[TokenCounter], on_final: Callable[[RequestRecord, list[float]], None],
@@ -81,7 +81,10 @@ class BatchFinalizer:
 
     def add(self, record: RequestRecord) -> None:
         """Take an ended record; `on_final` gets it now or once its batch is counted."""
-        if not self._threaded or record.itl is not None or not needs_whole_count(record):
+        # Failures go at once, because the run's failure guard watches them, and so do
+        # records without text, whose count is 0.
+        if (not self._threaded or record.itl is not None or not record.success or not record.chunk_texts
+                or not needs_whole_count(record)):
             self.on_final(record, finalize(record, self.count_tokens))
             return
         self._pending.append(record)
