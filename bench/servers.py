@@ -33,7 +33,6 @@ import os
 import resource
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from runner.client.kernel_clock import SO_TIMESTAMPNS, StampingEventLoop
 from runner.nullserver import next_request
 
 try:
@@ -206,26 +206,6 @@ class StreamProtocol(asyncio.Protocol):
         self.log.tokens.append(tokens)
 
 
-# struct timespec as SO_TIMESTAMPNS delivers it on 64-bit Linux.
-_TIMESPEC = struct.Struct("@qq")
-_SCM_TIMESTAMPNS = getattr(socket, "SCM_TIMESTAMPNS", 35)
-_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
-
-
-def _kernel_arrival(ancillary: list[tuple[int, int, bytes]]) -> Optional[float]:
-    """Return the receive time of a recvmsg's last bytes, in perf_counter seconds, or None.
-
-    The kernel stamps with CLOCK_REALTIME. Only the age of the stamp (now minus stamp) is
-    taken from that clock, so the offset between the two clocks cancels out.
-    """
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == _SCM_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
-            seconds, nanoseconds = _TIMESPEC.unpack_from(data)
-            age = time.time() - (seconds + nanoseconds * 1e-9)
-            return time.perf_counter() - max(age, 0.0)
-    return None
-
-
 class PacedConnection:
     """One keep-alive connection of the paced server, read with recvmsg for kernel arrival times.
 
@@ -239,12 +219,14 @@ class PacedConnection:
         self.log = log
         self.gap = gap
         self.ttft = ttft
-        self.loop = asyncio.get_running_loop()
+        self.loop: StampingEventLoop = asyncio.get_running_loop()  # type: ignore[assignment]
         self.buffer = bytearray()
         self.arrival = 0.0
         self.outbox = bytearray()
         self.busy: Optional[asyncio.Task[None]] = None
         self.open = True
+        # Bytes may have reached the socket before the server accepted it.
+        self.offset_since: Optional[float] = self.loop.clock_offsets.earliest()
         self.loop.add_reader(sock.fileno(), self._readable)
 
     def close(self) -> None:
@@ -269,7 +251,8 @@ class PacedConnection:
         if not data:
             self.close()
             return
-        arrival = _kernel_arrival(ancillary)
+        arrival = self.loop.clock_offsets.convert(ancillary, self.offset_since)
+        self.offset_since = None
         if arrival is None:
             self.log.unstamped += 1
             arrival = time.perf_counter()
@@ -365,7 +348,7 @@ async def _serve_paced(port: int, log: Log, gap: float, ttft: float) -> tuple[so
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # Set on the listener, so that connections inherit it from the start: bytes that arrive
     # before the server accepts a connection are stamped too.
-    listener.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    listener.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     listener.bind(("127.0.0.1", port))
     # A large backlog: the default of 100 drops SYNs of a burst of 256 connections, and the
     # kernel retries them only after a second.
@@ -432,6 +415,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     ttft = None if args.ttft_ms is None else args.ttft_ms / 1000
     coroutine = serve(args.port, args.gap_ms / 1000, args.log, args.max_seconds, ttft)
+    if args.gap_ms > 0:
+        # Paced responses read their sockets with recvmsg on this loop, for kernel arrival times.
+        with asyncio.Runner(loop_factory=StampingEventLoop) as runner:
+            runner.run(coroutine)
+        return 0
     try:
         import uvloop
     except ImportError:

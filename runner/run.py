@@ -25,6 +25,7 @@ from rich.console import Console
 
 from runner import console as views
 from runner.calibrate import calibrate
+from runner.client import kernel_clock
 from runner.client.openai import OpenAIClient
 from runner.config import EndpointKind, RunConfig, SearchVariable
 from runner.data import build_prompts, fingerprint
@@ -259,13 +260,8 @@ def _resume_history(path: Path, fresh: dict[str, Any], resumed: Resumed, result:
 
 
 def _run_event_loop(coroutine: Any, stop: SignalStop) -> None:
-    """Run ``coroutine`` on uvloop when it is installed, else on asyncio's default loop."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(cancel_on_signal(coroutine, stop))
-        return
-    uvloop.run(cancel_on_signal(coroutine, stop))
+    """Run ``coroutine`` on the loop that gives the best chunk times (see runner.client.kernel_clock)."""
+    kernel_clock.run(cancel_on_signal(coroutine, stop))
 
 
 def tightest_bounds(groups: list[Any]) -> dict[str, float]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Iterable, Optional
 
+from runner.client import kernel_clock
 from runner.client.finalize import TokenCounter, finalize
 from runner.client.openai import OpenAIClient
 from runner.client.record import Prompt, RequestRecord
@@ -159,12 +160,8 @@ async def run_share(task: WorkerTask, sender: Sender, start_at: float, all_measu
 
 
 def run_event_loop(coroutine: Any) -> Any:
-    """Run ``coroutine`` on uvloop when it is installed, else on asyncio's default loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coroutine)
-    return uvloop.run(coroutine)
+    """Run ``coroutine`` on the loop that gives the best chunk times (see runner.client.kernel_clock)."""
+    return kernel_clock.run(coroutine)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
 
+from runner.client.kernel_clock import KernelStamped
 from runner.client.record import Prompt, RequestRecord
 from runner.client.response import (
     apply_chunk,
@@ -69,14 +70,19 @@ _CONNECTION_LOST = (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
                     ConnectionResetError)
 
 
-class _ArrivalTimedProtocol(ResponseHandler):
-    """aiohttp's response protocol, stamping the time each socket read delivers bytes."""
+class _ArrivalTimedProtocol(ResponseHandler, KernelStamped):
+    """aiohttp's response protocol, stamping the time each socket read delivers bytes.
+
+    The stamp is the kernel's receive time when the transport passes one (see
+    `runner.client.kernel_clock`), else the time this method runs.
+    """
 
     last_data_at: Optional[float] = None
 
     def data_received(self, data: bytes) -> None:
         if data:
-            self.last_data_at = _perf_counter()
+            stamp = self.kernel_arrival
+            self.last_data_at = stamp if stamp is not None else _perf_counter()
         super().data_received(data)
 
 
