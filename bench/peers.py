@@ -288,7 +288,7 @@ def section_text(table: pd.DataFrame, header: str, versions: dict[str, str]) -> 
         f"run; *others %* is the share of the machine's {os.cpu_count()} cores that other processes "
         f"used during it (from /proc/stat), and ⚠ marks runs above {DISTURBED_PCT:.0f} %, whose "
         "numbers are likely disturbed. Timing errors are the tool's own statistic minus the "
-        "server log's. Pacing lateness (server) is each arrival's delay behind an even schedule "
+        "server log's, whose TTFT starts at the kernel's receive time of the request. Pacing lateness (server) is each arrival's delay behind an even schedule "
         "and is left out for evalscope, whose `--rate` draws Poisson gaps; lateness (tool) is "
         "what the tool itself recorded between scheduling and sending.", "",
     ]
