@@ -1,5 +1,6 @@
 """report.html content and the `python -m runner.report` command line."""
 
+import os
 import re
 import subprocess
 import sys
@@ -102,3 +103,17 @@ def test_failed_single_run_exits_2(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err == f"error: no usable results in {tmp_path}: ConfigError: load.parallel must be >= 1, got 0\n"
+
+
+def test_closed_pipe_ends_quietly(run_dir):
+    # As in `python -m runner.report RUN | head -1`, with the reader gone before the first write.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "runner.report", str(run_dir)], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, timeout=120)
+    finally:
+        os.close(write_end)
+
+    assert "Traceback" not in result.stderr
+    assert result.returncode == 141

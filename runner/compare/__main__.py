@@ -14,6 +14,7 @@ from rich.console import Console
 from runner.compare.diff import compare
 from runner.compare.render import print_comparison, write_files
 from runner.errors import RunnerError
+from runner.pipes import run_until_pipe_closes
 
 
 def default_out_dir(now: Optional[dt.datetime] = None) -> Path:
@@ -57,4 +58,4 @@ def main(argv: Optional[Sequence[str]] = None, console: Optional[Console] = None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_until_pipe_closes(main))

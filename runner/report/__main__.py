@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from runner.errors import RunnerError
+from runner.pipes import run_until_pipe_closes
 from runner.report.build import RUN_PLOTS_MAX_JOBS, build_report
 
 
@@ -54,4 +55,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_until_pipe_closes(main))
