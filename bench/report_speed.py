@@ -33,9 +33,10 @@ def write_job(job_dir: Path, index: int, requests: int, rng: np.random.Generator
     ended = sent + ttft + itl.sum(axis=1)
     frame = pd.DataFrame({
         "variable": "parallel", "value": parallel, "repeat": 0, "request_id": np.arange(requests),
-        "warmup": False, "scheduled_at": sent, "dispatched_at": sent, "sent_at": sent,
+        "warmup": False, "cooldown": False, "scheduled_at": sent, "dispatched_at": sent, "sent_at": sent,
         "first_token_at": sent + ttft, "ended_at": ended, "ttft": ttft, "latency": ended - sent,
-        "tpot": itl.mean(axis=1), "prompt_tokens": 128, "completion_tokens": ITL_SAMPLES + 1,
+        "tpot": itl.mean(axis=1), "prompt_tokens": 128, "expected_prompt_tokens": 128,
+        "completion_tokens": ITL_SAMPLES + 1, "tokenizer_tokens": ITL_SAMPLES + 1, "max_tokens": ITL_SAMPLES + 1,
         "token_source": "usage", "finish_reason": "length", "success": True, "error": "", "status": 200,
         "itl": [" ".join(f"{x:.6f}" for x in row) for row in itl],
     })[REQUEST_COLUMNS]
