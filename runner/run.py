@@ -110,6 +110,12 @@ async def _measure(config: RunConfig, out_dir: Path, console: Console, result: d
         async with OpenAIClient(config.endpoint, config.model, config.request, base_url=base_url,
                                 pool_size=pool_size) as client:
             result["url"] = client.url
+            result["arrival_clock"] = kernel_clock.arrival_clock(client.url)
+            if result["arrival_clock"] == "kernel":
+                log.info("chunk arrival times: the kernel's receive times (SO_TIMESTAMPNS)")
+            else:
+                log.info("chunk arrival times: taken when the event loop reads the socket (no kernel receive "
+                         "times for this endpoint or platform), so they run late when the loop is busy")
             try:
                 result["preflight"] = await preflight(client, prompts[0], config)
             except EndpointError as exc:
@@ -233,6 +239,8 @@ def _finish(config: RunConfig, result: dict[str, Any], out_dir: Path, console: C
                         "prompts": result.get("prompt_count"), "fingerprint": result.get("fingerprint"),
                         "file": "prompts.jsonl"},
             "calibration": result.get("calibration"),
+            # "kernel" or "event loop": where chunk arrival times come from (docs/metrics.md).
+            "arrival_clock": result.get("arrival_clock"),
             "requests_written": result["prober"].writer.rows_written if "prober" in result else 0,
         })
 

@@ -76,6 +76,8 @@ async def test_small_run_skips_calibration(tmp_path):
     }
     row = pd.read_csv(tmp_path / "summary.csv").iloc[0]
     assert "calibrated ceiling" not in str(row["client_note"])
+    if sys.platform == "linux":
+        assert read_manifest(tmp_path)["arrival_clock"] == "kernel"
 
 
 @pytest.mark.slow

@@ -118,3 +118,14 @@ def test_convert_without_stamp():
 @pytest.mark.skipif(sys.platform != "linux", reason="the stamping loop is used on Linux only")
 def test_loop_factory_prefers_stamping_loop():
     assert kernel_clock.loop_factory() is kernel_clock.StampingEventLoop
+
+
+async def clock_of(url: str) -> str:
+    return kernel_clock.arrival_clock(url)
+
+
+@linux_only
+def test_arrival_clock_names_source():
+    assert kernel_clock.run(clock_of("http://127.0.0.1:8000/v1/chat/completions")) == "kernel"
+    assert kernel_clock.run(clock_of("https://example.invalid/v1/chat/completions")) == "event loop"
+    assert asyncio.run(clock_of("http://127.0.0.1:8000/v1/chat/completions")) == "event loop"

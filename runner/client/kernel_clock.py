@@ -189,3 +189,15 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run ``coroutine`` to completion on the loop `loop_factory` chooses."""
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(coroutine)
+
+
+def arrival_clock(url: str) -> str:
+    """Return how chunk arrivals of requests to ``url`` are timed in the running loop.
+
+    "kernel" when the loop stamps plain TCP connections, "event loop" otherwise (another
+    loop, or an https URL, whose TLS layer reads the socket).
+    """
+    loop = asyncio.get_running_loop()
+    if isinstance(loop, StampingEventLoop) and url.lower().startswith("http://"):
+        return "kernel"
+    return "event loop"
