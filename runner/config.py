@@ -14,6 +14,7 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 
 from runner.errors import ConfigError
+from runner.redact import display_url
 
 
 class EndpointKind(Enum):
@@ -95,16 +96,23 @@ class EndpointConfig:
                 parts = urlsplit(self.url)
                 parts.port  # raises ValueError for a port that is not a number in 0-65535
             except ValueError as exc:
-                raise ConfigError(f"endpoint.url is not a valid URL ({exc}), got {self.url!r}; "
+                raise ConfigError(f"endpoint.url is not a valid URL ({exc}), got {display_url(self.url)!r}; "
                                   f"use a URL such as http://127.0.0.1:8000/v1/chat/completions") from None
             _require(
                 parts.scheme in ("http", "https") and bool(parts.netloc),
                 f"endpoint.url must be a full http(s) URL such as "
-                f"http://127.0.0.1:8000/v1/chat/completions, got {self.url!r}",
+                f"http://127.0.0.1:8000/v1/chat/completions, got {display_url(self.url)!r}",
+            )
+            sets_authorization = self.api_key_env or any(name.lower() == "authorization" for name in self.headers)
+            _require(
+                not (parts.username or parts.password) or not sets_authorization,
+                "endpoint.url carries user:password credentials, which are sent as an Authorization header, "
+                "and endpoint.api_key_env or endpoint.headers.Authorization sets that header too; "
+                "keep only one of them",
             )
         _require(
             self.api_path in API_PATHS,
-            f"endpoint.url must end in /v1/chat/completions or /v1/completions, got {self.url!r}",
+            f"endpoint.url must end in /v1/chat/completions or /v1/completions, got {display_url(self.url)!r}",
         )
 
     @property

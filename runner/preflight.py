@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from runner.client.record import Prompt, RequestRecord
 from runner.config import DatasetKind, EndpointKind, LoadBackend, LoadConfig, RunConfig
 from runner.errors import ConfigError, DataError, EndpointError
+from runner.redact import display_url
 
 log = logging.getLogger(__name__)
 
@@ -83,21 +84,22 @@ def _fatal_status(status: Optional[int]) -> bool:
 async def check_connect(url: str, timeout: Optional[float]) -> None:
     """Open and close one TCP connection to the host of ``url``; raise EndpointError on failure."""
     parts = urlsplit(url)
+    safe_url = display_url(url)
     host = parts.hostname or "127.0.0.1"
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         async with asyncio.timeout(timeout):
             _, writer = await asyncio.open_connection(host, port)
     except ConnectionRefusedError:
-        raise EndpointError(f"cannot connect to {url}: connection refused; is the server running?") from None
+        raise EndpointError(f"cannot connect to {safe_url}: connection refused; is the server running?") from None
     except TimeoutError:
         raise EndpointError(
-            f"cannot connect to {url}: no connection within {timeout:g} s (endpoint.connect_timeout); "
+            f"cannot connect to {safe_url}: no connection within {timeout:g} s (endpoint.connect_timeout); "
             f"is the server running and reachable?"
         ) from None
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
-        raise EndpointError(f"cannot connect to {url}: {reason}; check endpoint.url") from None
+        raise EndpointError(f"cannot connect to {safe_url}: {reason}; check endpoint.url") from None
     writer.close()
     try:
         await writer.wait_closed()
@@ -113,6 +115,7 @@ async def preflight(client: Any, prompt: Prompt, config: RunConfig) -> dict[str,
     run goes on; ``FailureGuard`` stops it if they persist.
     """
     await check_connect(client.url, config.endpoint.connect_timeout)
+    safe_url = display_url(client.url)
     tokens = max(1, min(config.request.max_tokens, max(config.request.min_tokens or 0, PREFLIGHT_MAX_TOKENS)))
     record = RequestRecord(request_id=-1)
     await client.send(dataclasses.replace(prompt, max_tokens=tokens), record)
@@ -120,12 +123,28 @@ async def preflight(client: Any, prompt: Prompt, config: RunConfig) -> dict[str,
     result = {"status": record.status, "success": record.success, "error": record.error, "seconds": seconds}
     if _fatal_status(record.status):
         raise EndpointError(
-            f"the server rejected a first test request to {client.url}: {record.error}; "
-            f"check endpoint.url, model.name and the API key"
+            f"the server rejected a first test request to {safe_url}: {record.error}; "
+            f"{request_field_advice(record.error) or 'check endpoint.url, model.name and the API key'}"
         )
     if not record.success:
-        log.warning("preflight request to %s failed (%s); starting the load anyway", client.url, record.error)
+        log.warning("preflight request to %s failed (%s); starting the load anyway", safe_url, record.error)
     return result
+
+
+# Request fields some servers reject, and the setting that stops sending each.
+_FIELD_FIXES = {
+    "ignore_eos": "request.ignore_eos=false",
+    "min_tokens": "request.min_tokens=null",
+    "stream_options": "request.stream=false",
+}
+
+
+def request_field_advice(error: Optional[str]) -> str:
+    """Return what to set when a server's error names a request field it rejects, else ''."""
+    for field_name, fix in _FIELD_FIXES.items():
+        if error and field_name in error:
+            return f"the server does not accept the request field {field_name}; set {fix}"
+    return ""
 
 
 class FailureGuard:
@@ -167,5 +186,5 @@ class FailureGuard:
         self.armed = False
         self.error = EndpointError(
             f"all of the first {self.seen} requests failed ({count} with: {error}); stopped the load; "
-            f"check the server and endpoint.url"
+            f"{request_field_advice(error) or 'check the server and endpoint.url'}"
         )

@@ -89,6 +89,23 @@ def secrets_from_overrides(overrides: Iterable[str]) -> list[str]:
     return values
 
 
+def display_url(url: str) -> str:
+    """Return ``url`` for messages: user info and secret query values become <redacted>.
+
+    The user name goes too, since a URL that carries credentials often carries a token as
+    its user name.
+    """
+    text = redact_text(url, url_secrets(url))
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return text
+    if "@" not in parts.netloc:
+        return text
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{REDACTED}@{host}").geturl()
+
+
 def redact_text(text: str, secrets: Iterable[str]) -> str:
     for secret in secrets:
         if secret:

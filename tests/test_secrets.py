@@ -177,3 +177,54 @@ async def test_replay_reads_header_from_environment(aiohttp_server, tmp_path):
     assert measured_successes(tmp_path / "replay") == 4
     assert set(received) == {HEADER_SECRET}
     assert scan(tmp_path, [HEADER_SECRET]) == []
+
+
+URL_PASSWORD = "pw-url-3c1e9a7f"
+
+
+async def failing_chat(request: web.Request) -> web.Response:
+    return web.json_response({"error": {"message": "engine busy"}}, status=503)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("server_up", [False, True], ids=["server-down", "preflight-fails"])
+async def test_url_password_not_in_error_or_files(aiohttp_server, unused_tcp_port, tmp_path, server_up):
+    # The first test request fails: the connection is refused, or the server answers 503.
+    # Its error goes to stderr, runner.log and manifest.json, none of which may hold the password.
+    if server_up:
+        app = web.Application()
+        app.router.add_post(CHAT, failing_chat)
+        port = (await aiohttp_server(app)).port
+    else:
+        port = unused_tcp_port
+    out_dir = tmp_path / "out"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "runner", f"hydra.run.dir={out_dir}", "progress=false", "load.number=4",
+        "load.warmup=0", "endpoint=openai", f"endpoint.url=http://user:{URL_PASSWORD}@127.0.0.1:{port}{CHAT}",
+        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 80)
+
+    assert process.returncode != 0
+    assert URL_PASSWORD not in stdout.decode() + stderr.decode()
+    # The URL is still shown, without its credentials: on the error line when the server
+    # is down, in runner.log's warning when the test request fails.
+    log_or_error = (out_dir / "runner.log").read_text() if server_up else stderr.decode()
+    assert "http://<redacted>@127.0.0.1" in log_or_error
+    assert (out_dir / "manifest.json").is_file()
+    assert scan(out_dir, [URL_PASSWORD]) == []
+
+
+def test_url_credentials_with_authorization_header(tmp_path):
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "runner", f"hydra.run.dir={tmp_path}", "endpoint=openai",
+                           f"endpoint.url=http://user:{URL_PASSWORD}@127.0.0.1:9/v1/chat/completions",
+                           "+endpoint.headers.Authorization=Bearer abc"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1
+    assert "endpoint.url carries user:password credentials" in done.stderr
+    assert "keep only one of them" in done.stderr
+    assert URL_PASSWORD not in done.stderr + done.stdout

@@ -53,6 +53,7 @@ from runner.client.response import (
 from runner.client.sse import SSEParser
 from runner.config import Api, EndpointConfig, ModelConfig, RequestConfig
 from runner.errors import ConfigError
+from runner.redact import display_url
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ class OpenAIClient:
         try:
             async with self._session.get(url, headers=self._headers) as response:
                 if response.status != 200:
-                    return {"error": f"HTTP {response.status} from {url}"}
+                    return {"error": f"HTTP {response.status} from {display_url(url)}"}
                 return await response.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             return {"error": one_line(f"{type(exc).__name__}: {exc}")}
