@@ -53,7 +53,8 @@ async def test_wrong_path_404_stops_run(aiohttp_server, tmp_path):
                                     f"endpoint.url=http://127.0.0.1:{server.port}{CHAT}")
 
     line = assert_one_line_error(code, stderr)
-    assert "HTTP 404: 404: Not Found" in line
+    assert "HTTP 404: Not Found" in line
+    assert "404: 404" not in line
     assert time.monotonic() - started < 30
     manifest = json.loads((out_dir / "manifest.json").read_text())
     assert "HTTP 404" in manifest["preflight"]["error"]
@@ -130,3 +131,18 @@ async def test_guard_stops_all_failing_load(aiohttp_server, tmp_path):
     rows = (out_dir / "requests.csv").read_text().splitlines()
     assert len(rows) - 1 >= 20
     assert (out_dir / "summary.csv").is_file()
+
+
+def test_guard_names_rejected_request_field():
+    from runner.client.record import RequestRecord
+    from runner.preflight import FailureGuard
+
+    guard = FailureGuard(limit=2)
+    for request_id in range(2):
+        record = RequestRecord(request_id=request_id, success=False,
+                               error="HTTP 422: Extra inputs are not permitted: ignore_eos")
+        stop = guard.observe(record)
+
+    assert stop is True
+    assert str(guard.error).endswith("the server does not accept the request field ignore_eos; "
+                                     "set request.ignore_eos=false")

@@ -67,6 +67,8 @@ def body_message(body: bytes) -> str:
 
 def http_error_message(status: int, reason: Optional[str], body: bytes, retry_after: Optional[str]) -> str:
     message = body_message(body) or (reason or "")
+    # Some servers' plain-text bodies repeat the status ("404: Not Found").
+    message = message.removeprefix(f"{status}: ")
     error = f"HTTP {status}: {message}" if message else f"HTTP {status}"
     if retry_after:
         error += f" (Retry-After: {one_line(retry_after, 40)})"
