@@ -174,3 +174,15 @@ def test_sweep_job_plots_by_default(tmp_path):
         assert is_png(tmp_path / job / "latency_vs_load.png")
     written = build_report(tmp_path, run_plots=False)
     assert all(path.parent == tmp_path for path in written)
+
+
+def test_linear_concurrency_axis_has_whole_ticks():
+    from matplotlib.figure import Figure
+
+    ax = Figure().add_subplot()
+    ax.plot([2, 3, 4], [1.0, 2.0, 3.0])
+    plots._set_load_axis(ax, [2, 3, 4], "parallel")
+    ticks = [tick for tick in ax.get_xticks() if 2 <= tick <= 4]
+
+    assert ax.get_xscale() == "linear"
+    assert ticks == [2.0, 3.0, 4.0]

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 DPI = 100
 FIGURE_SIZE = (8.0, 4.8)  # inches; 800 x 480 pixels at DPI
@@ -145,6 +145,9 @@ def _set_load_axis(ax: Any, values: Sequence[float], load: str) -> None:
     if positive and len(positive) == len(values) and min(positive) * LOG_AXIS_RATIO <= max(positive):
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _position: f"{value:g}"))
+    elif load == "parallel":
+        # Concurrency is a whole number, so a linear axis gets no ticks such as 2.25.
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(LOAD_LABELS.get(load, load))
 
 
