@@ -206,11 +206,15 @@ class LoadPointProber:
             # Cooldown requests take ids past plan.total; the next repeat starts after them.
             self.next_id = max(self.next_id, record.request_id + 1)
             self.progress.advance(task)
-            if self.guard.observe(record) and not load.done():
-                load.cancel()  # every request so far failed, so stop before sending more
 
         finalizer = BatchFinalizer(self.count_tokens, on_final)
-        on_record = finalizer.add
+
+        def on_record(record: Any) -> None:
+            # The guard sees each record as it ends: a success may wait for its token count,
+            # and the failures after it must not look like a run where everything failed.
+            if self.guard.observe(record) and not load.done():
+                load.cancel()  # every request so far failed, so stop before sending more
+            finalizer.add(record)
         workers = workers_for(self.config.load, plan)
         if self.client_args is not None and (workers > 1 or self.config.load.uses_ray):
             coroutine = run_load_in_workers(plan, workers, self.client_args, self.prompts, on_record,

@@ -146,3 +146,44 @@ def test_guard_names_rejected_request_field():
     assert stop is True
     assert str(guard.error).endswith("the server does not accept the request field ignore_eos; "
                                      "set request.ignore_eos=false")
+
+
+async def test_guard_counts_success_when_it_ends(aiohttp_server, tmp_path):
+    # The preflight succeeds, and so does the first load request, after 0.2 s. Every other
+    # request is held until 20 ms after that success, then refused, and later ones are
+    # refused at once. The success ended first, so the load must run to the end, however
+    # long the success then waits for its token count.
+    calls = 0
+    succeeded = asyncio.Event()
+    succeeded_at = 0.0
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        nonlocal calls, succeeded_at
+        calls += 1
+        loop = asyncio.get_running_loop()
+        if calls > 2:
+            await succeeded.wait()
+            await asyncio.sleep(max(0.0, succeeded_at + 0.02 - loop.time()))
+            return web.json_response({"error": {"message": "slow down"}}, status=429)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        if calls == 2:
+            await asyncio.sleep(0.2)
+        await response.write(b'data: {"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}\n\n')
+        await response.write(b"data: [DONE]\n\n")
+        if calls >= 2 and not succeeded.is_set():
+            succeeded_at = loop.time()
+            succeeded.set()
+        return response
+
+    app = web.Application()
+    app.router.add_post(CHAT, chat)
+    server = await aiohttp_server(app)
+    out_dir = tmp_path / "run"
+
+    code, _, stderr = await run_cli(out_dir, *QUICK, "load.parallel=8", "endpoint=openai",
+                                    f"endpoint.url=http://127.0.0.1:{server.port}{CHAT}")
+
+    assert code == 0, stderr
+    rows = (out_dir / "requests.csv").read_text().splitlines()
+    assert len(rows) - 1 >= 40
