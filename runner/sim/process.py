@@ -105,7 +105,11 @@ def start_sim(
     stdout = tempfile.NamedTemporaryFile(prefix="sim-stdout-", suffix=".txt")
     stderr = tempfile.NamedTemporaryFile(prefix="sim-stderr-", suffix=".txt")
     # The child exits when its stdin pipe closes, which also happens when this process is killed.
-    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=stdout, stderr=stderr, env=env)
+    # It runs in its own session, so Ctrl-C at the terminal reaches only this process, which
+    # stops the child itself. Otherwise a Ctrl-C during start-up killed the child first, and
+    # the run reported a failed start-up instead of the interrupt.
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=stdout, stderr=stderr, env=env,
+                               start_new_session=True)
     sim = SimProcess(process, stdout, stderr)
     try:
         _wait_until_ready(sim, startup_timeout)
