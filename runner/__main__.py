@@ -307,9 +307,11 @@ def hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
     except (KeyboardInterrupt, Interrupted) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        print(f"interrupted by {signal.Signals(signum).name}: what was measured is in {out_dir}", file=sys.stderr)
         if in_sweep:
-            raise  # main aggregates the sweep, which stops here
+            # main aggregates the sweep, which stops here, and names this job in its one line.
+            sweep.record_interrupted_job(out_dir)
+            raise
+        print(f"interrupted by {signal.Signals(signum).name}: what was measured is in {out_dir}", file=sys.stderr)
         sys.exit(128 + signum)
     if code:
         sys.exit(code)
@@ -329,25 +331,36 @@ def _debug_requested(argv: list[str]) -> bool:
     return any(arg.lower() in ("debug=true", "debug=1", "debug=yes", "debug=on") for arg in argv)
 
 
-def _aggregate_interrupted_sweep(signum: int) -> None:
+def _aggregate_interrupted_sweep(signum: int) -> bool:
     """Write the sweep-level report of a multirun that a signal stopped, from the jobs that ran.
 
     A second signal during the aggregation is held until it is written, like the reports of
-    a single run.
+    a single run. Returns True when it printed the line that names the signal.
     """
     from runner.interrupt import SignalStop, signals_deferred
+    from runner.report.folders import count_planned_jobs
 
     sweep_dir = sweep.started_sweep()
     if sweep_dir is None or not sweep_dir.is_dir():
-        return  # not a multirun, or stopped before its first job
+        return False  # not a multirun, or stopped before its first job
     with signals_deferred(SignalStop()):
         try:
             sweep.aggregate(sweep_dir)
         except RunnerError as exc:
             print(f"error: the interrupted sweep has no report: {exc}", file=sys.stderr)
-            return
-    print(f"sweep interrupted by {signal.Signals(signum).name}: the report in {sweep_dir} covers the jobs "
-          f"that ran, and the job that was stopped is marked interrupted", file=sys.stderr)
+            return False
+    line = f"sweep interrupted by {signal.Signals(signum).name}"
+    job_dir = sweep.interrupted_job()
+    if job_dir is not None:
+        line += f" during job {job_dir.name}, whose measurements are in {job_dir}"
+    line += f": the report in {sweep_dir} covers the jobs that ran and marks the stopped job interrupted"
+    planned = count_planned_jobs(sweep_dir / "multirun.yaml")
+    started = len(sweep.job_folders(sweep_dir))
+    if planned is not None and planned > started:
+        missing = planned - started
+        line += f"; {missing} job{'s' if missing > 1 else ''} not started"
+    print(line, file=sys.stderr)
+    return True
 
 
 def main() -> None:
@@ -366,8 +379,9 @@ def main() -> None:
         hydra_main()
     except (KeyboardInterrupt, Interrupted) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        _aggregate_interrupted_sweep(signum)
-        print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        # The sweep's own line already names the signal.
+        if not _aggregate_interrupted_sweep(signum):
+            print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr)
         sys.exit(128 + signum)
     except (HydraException, OmegaConfBaseException, ValueError, AssertionError, AttributeError) as exc:
         if debug or not is_hydra_error(exc):

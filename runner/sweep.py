@@ -17,6 +17,21 @@ JOB_ERROR_FILE = "error.txt"
 _started_sweep: Optional[Path] = None
 
 
+# Folder of the job that a signal stopped, if any.
+_interrupted_job: Optional[Path] = None
+
+
+def record_interrupted_job(job_dir: Path) -> None:
+    """Note the folder of the job that a signal stopped, for the sweep's closing line."""
+    global _interrupted_job
+    _interrupted_job = job_dir
+
+
+def interrupted_job() -> Optional[Path]:
+    """Return the folder of the job that a signal stopped, or None."""
+    return _interrupted_job
+
+
 def record_start(sweep_dir: Path) -> None:
     """Note the folder of the sweep that is starting, for the aggregation after a signal."""
     global _started_sweep
@@ -32,6 +47,11 @@ def failed_jobs(sweep_dir: Path) -> list[str]:
     """Return the names of the job folders that hold an error.txt, in job order."""
     names = (path.parent.name for path in sweep_dir.glob(f"*/{JOB_ERROR_FILE}"))
     return sorted(names, key=lambda name: (not name.isdigit(), int(name) if name.isdigit() else 0, name))
+
+
+def job_folders(sweep_dir: Path) -> list[Path]:
+    """Return the job folders of a sweep: its subfolders with a numeric name."""
+    return [path for path in sweep_dir.iterdir() if path.is_dir() and path.name.isdigit()]
 
 
 def aggregate(sweep_dir: Path) -> list[str]:

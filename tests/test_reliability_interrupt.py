@@ -136,3 +136,50 @@ def test_signal_before_load_exits_cleanly(tmp_path):
 
     assert process.returncode == 143, stderr
     assert "Traceback" not in stderr
+
+
+# Job 1 asks for 20,000 tokens per request, which the qwen2.5-7b profile streams for minutes,
+# so a signal soon after its requests.csv appears comes before any request completes.
+SLOW_FIRST_REQUEST_SWEEP = ["progress=false", "model.sim_profile=qwen2.5-7b-1gpu", "load.parallel=2",
+                            "load.number=4", "dataset.min_prompt_length=16", "dataset.max_prompt_length=16",
+                            "dataset.num_prompts=4", "request.max_tokens=8,20000,8,8"]
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_before_first_request_in_sweep(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    # A session of its own, so the signal can go to the whole process group as Ctrl-C does.
+    process = subprocess.Popen([sys.executable, "-m", "runner", "-m", f"hydra.sweep.dir={sweep_dir}",
+                                *SLOW_FIRST_REQUEST_SWEEP],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (sweep_dir / "1" / "requests.csv").exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "job 1 did not open requests.csv within 60 s"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert not (sweep_dir / "1" / "error.txt").exists(), (sweep_dir / "1" / "error.txt").read_text()
+    assert len((sweep_dir / "1" / "requests.csv").read_text().splitlines()) == 1
+    assert json.loads((sweep_dir / "1" / "manifest.json").read_text())["interrupted_by"] == "SIGINT"
+    assert not (sweep_dir / "2").exists()
+    assert "sweep interrupted by SIGINT" in stderr
+    assert "; 2 jobs not started" in stderr
+    final_lines = stderr.strip().splitlines()[-2:]
+    assert sum("interrupted by SIGINT" in line for line in final_lines) == 1, final_lines
+    markdown = (sweep_dir / "summary.md").read_text()
+    assert "4 jobs: 1 with results, 1 interrupted before a request completed, 0 failed, 2 not started." in markdown
+    assert "| 1 | 20000 | interrupted by SIGINT, no complete request | 0 | 0 |  |" in markdown
+    assert "## Failed jobs" not in markdown
+    summary = pd.read_csv(sweep_dir / "summary.csv", dtype={"job": str})
+    assert summary["job"].tolist() == ["0"]

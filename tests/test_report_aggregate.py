@@ -283,6 +283,41 @@ def test_interrupted_job_marked(tmp_path):
     assert list(summary.columns[:3]) == ["job", "model", "job_status"]
 
 
+def test_job_stopped_before_first_request(tmp_path):
+    # Ctrl-C during the preflight request: the job wrote requests.csv's header and a manifest
+    # naming the signal, but no summary.csv and no error.txt, and jobs 2 and 3 never started.
+    (tmp_path / "multirun.yaml").write_text(
+        "hydra:\n  sweeper:\n    _target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper\n"
+        "    params: null\n  overrides:\n    task:\n    - model=a,b\n    - load.parallel=2,4\n",
+        encoding="utf-8")
+    make_run(tmp_path / "0", loads=(2,), overrides=["model=a", "load.parallel=2"])
+    write_hydra(tmp_path / "1", ["model=a", "load.parallel=4"])
+    (tmp_path / "1" / "requests.csv").write_text(",".join(REQUEST_COLUMNS) + "\n", encoding="utf-8")
+    write_manifest(tmp_path / "1", "SIGINT")
+    build_report(tmp_path, run_plots=False)
+
+    markdown = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert "4 jobs: 1 with results, 1 interrupted before a request completed, 0 failed, 2 not started." in markdown
+    assert "| 1 | 4 | interrupted by SIGINT, no complete request | 0 | 0 |  |" in markdown
+    assert "## Failed jobs" not in markdown
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "2 not started" in html
+    summary = pd.read_csv(tmp_path / "summary.csv", dtype={"job": str})
+    assert summary["job"].tolist() == ["0"]
+
+
+def test_empty_requests_without_signal_failed(tmp_path):
+    write_hydra(tmp_path / "0", ["model=a"])
+    (tmp_path / "0" / "requests.csv").write_text(",".join(REQUEST_COLUMNS) + "\n", encoding="utf-8")
+    write_manifest(tmp_path / "0", None)
+    make_run(tmp_path / "1", loads=(1,), overrides=["model=b"])
+    build_report(tmp_path, run_plots=False)
+
+    markdown = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert "2 jobs: 1 with results, 1 failed." in markdown
+    assert "- job 0: summary.csv missing and requests.csv unusable: no complete request row" in markdown
+
+
 def test_sweep_csv_loads_are_integers(tmp_path):
     # A resumed job's summary.csv held its concurrency as 16.000000, and an interrupted
     # group leaves first_fail empty, which pandas reads as a float column.

@@ -41,10 +41,14 @@ class RunResult:
     interrupted_by: Optional[str] = None
     # One message per damaged line of requests.csv, such as a last line cut short.
     damage: list[str] = field(default_factory=list)
+    # True when a signal stopped the job before its first request completed: it has no
+    # summary, but it did not fail.
+    stopped_before_results: bool = False
 
     @property
     def failed(self) -> bool:
-        return self.summary is None
+        """Return True when the job has no summary for a reason other than a signal."""
+        return self.summary is None and not self.stopped_before_results
 
     @property
     def rebuilt(self) -> bool:
@@ -55,6 +59,8 @@ class RunResult:
         """Return the job's status as the report tables show it."""
         if self.failed:
             return "failed"
+        if self.summary is None:
+            return f"interrupted by {self.interrupted_by}, no complete request"
         parts = []
         if self.interrupted_by:
             parts.append(f"interrupted by {self.interrupted_by}")
@@ -80,13 +86,19 @@ def _parallel_cap(config: dict[str, Any]) -> float:
     return math.nan if cap is None else float(cap)
 
 
+class NoCompleteRequest(ValueError):
+    """requests.csv contains no complete request row, so no summary can be built from it."""
+
+
 def rebuild_summary(run_dir: Path, damage: Optional[list[str]] = None) -> pd.DataFrame:
     """Compute summary.csv from requests.csv, one row per load value, and write it.
 
     Damaged lines of requests.csv are left out, logged and appended to ``damage``. Raises
-    ValueError when no complete request row is left.
+    NoCompleteRequest when no complete request row is left.
     """
     path = run_dir / "requests.csv"
+    if path.stat().st_size == 0:
+        raise NoCompleteRequest("no complete request row (the file is empty)")
     requests, problems = read_requests_checked(path)
     for problem in problems:
         log.warning("%s %s, so the line is left out of the rebuilt summary.csv", path, problem)
@@ -94,7 +106,7 @@ def rebuild_summary(run_dir: Path, damage: Optional[list[str]] = None) -> pd.Dat
         damage += [f"requests.csv {problem}, so the line is left out" for problem in problems]
     if requests.empty:
         detail = f" ({problems[0]})" if problems else ""
-        raise ValueError(f"no complete request row{detail}")
+        raise NoCompleteRequest(f"no complete request row{detail}")
     cap = _parallel_cap(read_config(run_dir))
     rows = []
     for (variable, value), frame in requests.groupby(["variable", "value"], sort=True):
@@ -150,9 +162,15 @@ def load_run(folder: RunFolder) -> RunResult:
     interrupted_by = _interrupted_by(run_dir)
     requests_path = run_dir / "requests.csv"
 
+    # A job that a signal stopped before its first request completed has a manifest naming
+    # the signal, no error.txt, and no summary row: summary.csv is missing or holds only
+    # its header, and requests.csv, if any, holds no complete row.
+    stopped_early = bool(interrupted_by) and not (run_dir / "error.txt").is_file()
     summary_path = run_dir / "summary.csv"
     if summary_path.is_file():
         summary = _read_csv(summary_path)
+        if summary is not None and summary.empty and stopped_early:
+            return RunResult(folder, None, sla, interrupted_by=interrupted_by, stopped_before_results=True)
         if summary is not None:
             damage = _tail_damage(requests_path) if requests_path.is_file() else []
             return RunResult(folder, summary, sla, interrupted_by=interrupted_by, damage=damage)
@@ -163,6 +181,10 @@ def load_run(folder: RunFolder) -> RunResult:
         damage: list[str] = []
         try:
             summary = rebuild_summary(run_dir, damage)
+        except NoCompleteRequest as exc:
+            reason = f"summary.csv missing and requests.csv unusable: {exc}"
+            return RunResult(folder, None, sla, error=None if stopped_early else _failure_reason(run_dir, reason),
+                             interrupted_by=interrupted_by, damage=damage, stopped_before_results=stopped_early)
         except (OSError, ValueError, KeyError, pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
             reason = f"summary.csv missing and requests.csv unusable: {exc}"
             return RunResult(folder, None, sla, error=_failure_reason(run_dir, reason),
@@ -171,6 +193,8 @@ def load_run(folder: RunFolder) -> RunResult:
         return RunResult(folder, summary, sla, written=[summary_path], interrupted_by=interrupted_by,
                          damage=damage)
 
+    if stopped_early:
+        return RunResult(folder, None, sla, interrupted_by=interrupted_by, stopped_before_results=True)
     return RunResult(folder, None, sla, error=_failure_reason(run_dir, "no summary.csv: the job did not finish"),
                      interrupted_by=interrupted_by)
 

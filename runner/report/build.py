@@ -147,21 +147,35 @@ def _comparison_caption(tables: SweepTables) -> str:
             f"gives the highest load that passed before the search was stopped, and empty means not run.")
 
 
-def _count_line(results: list[RunResult]) -> str:
-    """Return the sentence that counts the jobs with results, interrupted and failed."""
+def not_started(results: list[RunResult], planned_jobs: Optional[int]) -> int:
+    """Return how many of the planned jobs have no folder, such as those a signal kept from starting."""
+    return max(0, (planned_jobs or 0) - len(results))
+
+
+def _count_line(results: list[RunResult], planned_jobs: Optional[int] = None) -> str:
+    """Return the sentence that counts the jobs with results, interrupted, failed and not started."""
     failed = sum(r.failed for r in results)
-    interrupted = sum(bool(r.interrupted_by) and not r.failed for r in results)
-    counts = f"{len(results) - failed} with results"
+    with_results = [r for r in results if r.summary is not None]
+    interrupted = sum(bool(r.interrupted_by) for r in with_results)
+    stopped_empty = sum(r.stopped_before_results for r in results)
+    missing = not_started(results, planned_jobs)
+    counts = f"{len(with_results)} with results"
     if interrupted:
         counts += f" ({interrupted} of them interrupted, so their results are partial)"
-    return f"{len(results)} jobs: {counts}, {failed} failed."
+    if stopped_empty:
+        counts += f", {stopped_empty} interrupted before a request completed"
+    counts += f", {failed} failed"
+    if missing:
+        counts += f", {missing} not started"
+    return f"{len(results) + missing} jobs: {counts}."
 
 
 def _damage_lines(results: list[RunResult]) -> list[str]:
     return [f"job {r.folder.name}: {message}" for r in results for message in r.damage]
 
 
-def write_summary_markdown(path: Path, root: Path, results: list[RunResult], tables: SweepTables) -> Path:
+def write_summary_markdown(path: Path, root: Path, results: list[RunResult], tables: SweepTables,
+                           planned_jobs: Optional[int] = None) -> Path:
     """Write summary.md: job status, the SLA comparison and the best load point of each job."""
     failed = [r for r in results if r.failed]
     varying, shared = varying_overrides(results, tables)
@@ -170,7 +184,7 @@ def write_summary_markdown(path: Path, root: Path, results: list[RunResult], tab
         "",
         f"Folder: `{root}`",
         "",
-        _count_line(results),
+        _count_line(results, planned_jobs),
         "",
     ]
     if shared:
@@ -196,12 +210,12 @@ def write_summary_markdown(path: Path, root: Path, results: list[RunResult], tab
 
 
 def _sweep_page(root: Path, results: list[RunResult], tables: SweepTables, figures: list[tuple[Path, str]],
-                job_pages: list[Path]) -> Page:
+                job_pages: list[Path], planned_jobs: Optional[int] = None) -> Page:
     failed = [r for r in results if r.failed]
     varying, shared = varying_overrides(results, tables)
     page = Page(f"Sweep report: {root.name}", root)
-    partial = failed or any(r.interrupted_by for r in results)
-    page.paragraph(_count_line(results), css_class="failed" if partial else None)
+    partial = failed or any(r.interrupted_by for r in results) or not_started(results, planned_jobs)
+    page.paragraph(_count_line(results, planned_jobs), css_class="failed" if partial else None)
     for line in _damage_lines(results):
         page.paragraph(line, css_class="failed")
     if shared:
@@ -253,6 +267,8 @@ def build_sweep_report(layout: Layout, run_plots: Optional[bool] = None) -> list
     for result in results:
         if result.failed:
             log.warning("job %s has no results: %s", result.folder.name, _first_line(result.error))
+        elif result.summary is None:
+            log.info("job %s has no results: %s", result.folder.name, result.status)
     tables = combine_runs(results)
 
     write_table(tables.summary, root / "summary.csv")
@@ -260,17 +276,18 @@ def build_sweep_report(layout: Layout, run_plots: Optional[bool] = None) -> list
     if not tables.sla.empty:
         write_table(tables.sla, root / "sla_summary.csv")
         written.append(root / "sla_summary.csv")
-    written.append(write_summary_markdown(root / "summary.md", root, results, tables))
+    written.append(write_summary_markdown(root / "summary.md", root, results, tables, layout.planned_jobs))
 
     job_pages: list[Path] = []
     if run_plots if run_plots is not None else len(results) <= RUN_PLOTS_MAX_JOBS:
         for result in results:
-            if not result.failed:
+            if result.summary is not None:
                 paths = write_run_report(result, title=f"Job {result.folder.name} of sweep {root.name}")
                 written += paths
                 job_pages.append(paths[-1])
 
     figures = plot_sweep(tables, results, root)
     written += [path for path, _ in figures]
-    written.append(_sweep_page(root, results, tables, figures, job_pages).write(root / "report.html"))
+    page = _sweep_page(root, results, tables, figures, job_pages, layout.planned_jobs)
+    written.append(page.write(root / "report.html"))
     return written

@@ -51,6 +51,8 @@ class Layout:
     kind: str
     root: Path
     runs: list[RunFolder]
+    # Jobs the sweep's command line asked for, from multirun.yaml; None when unknown.
+    planned_jobs: Optional[int] = None
 
 
 def parse_overrides(lines: list[Any]) -> dict[str, str]:
@@ -133,7 +135,46 @@ def find_layout(root: Path) -> Layout:
         if not jobs:
             raise RunnerError(f"no job folders in sweep {root}; expected one numbered subfolder per job")
         runs = [RunFolder(path=job, name=job.name, overrides=read_overrides(job)) for job in jobs]
-        return Layout(kind="sweep", root=root, runs=runs)
+        return Layout(kind="sweep", root=root, runs=runs, planned_jobs=count_planned_jobs(root / "multirun.yaml"))
     if _has_results(root):
         return Layout(kind="run", root=root, runs=[RunFolder(path=root, name=root.name, overrides=read_overrides(root))])
     raise RunnerError(f"no run in {root}: expected summary.csv or requests.csv, or job subfolders holding them")
+
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def count_planned_jobs(path: Path) -> Optional[int]:
+    """Return how many jobs the basic sweep recorded in multirun.yaml expands to.
+
+    Returns None when the file is missing or unreadable, when another sweeper chose the jobs
+    as it ran, or when an override needs the config search path to expand (``glob``).
+    """
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
+    except (OSError, yaml.YAMLError) as exc:
+        log.warning("cannot read %s: %s", path, exc)
+        return None
+    hydra_section = data.get("hydra") if isinstance(data, dict) else None
+    if not isinstance(hydra_section, dict):
+        return None
+    sweeper = hydra_section.get("sweeper") or {}
+    if sweeper.get("_target_") != BASIC_SWEEPER:
+        return None
+    params = sweeper.get("params") or {}
+    task = (hydra_section.get("overrides") or {}).get("task") or []
+    arguments = [f"{key}={value}" for key, value in params.items()] + [str(item) for item in task]
+
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(arguments)
+        batches = BasicSweeper.split_arguments(parsed, None)
+    except (HydraException, ValueError, TypeError, AttributeError) as exc:
+        log.info("cannot count the jobs of the sweep in %s: %s", path, exc)
+        return None
+    return sum(len(batch) for batch in batches)
