@@ -293,6 +293,10 @@ class LoadPointProber:
             row["rate"] = value
             row["parallel"] = self.config.search.rate_parallel_cap if self.config.sla else self.config.load.parallel
         row |= samples.summarize(bounds, **self._throughput_timing(value))
+        # Finished repeats only, as python -m runner.resume counts them. The requests of a
+        # repeat that a signal cut stay pooled in the statistics (summary_frame logs them), and
+        # resume discards them and measures that repeat again.
+        row["runs"] = self.repeats.get(value, 0)
         row["loop_lag_p99"] = percentiles(samples.loop_lag, [99])[0]
         reasons = []
         limit = self.config.load.max_client_delay
@@ -324,4 +328,11 @@ class LoadPointProber:
 
     def summary_frame(self, bounds: Optional[dict[str, float]] = None) -> pd.DataFrame:
         values = [value for value in sorted(self.samples) if len(self.samples[value])]
+        for value in values:
+            started = len(self.samples[value].repeats)
+            finished = self.repeats.get(value, 0)
+            if started > finished:
+                log.warning("%s %g: %d of its %d repeats did not finish; their requests are pooled in "
+                            "summary.csv, whose runs column counts the %d finished repeats",
+                            self.variable, value, started - finished, started, finished)
         return pd.DataFrame([self.summary_row(value, bounds) for value in values])

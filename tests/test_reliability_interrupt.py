@@ -77,6 +77,8 @@ def test_signal_writes_results(tmp_path, signum, mode):
         assert not alive(pid)
     summary = pd.read_csv(out_dir / "summary.csv")
     assert summary["requests"].iloc[0] > 0
+    # The only repeat was cut by the signal, so no repeat finished.
+    assert summary["runs"].tolist() == [0]
     requests = pd.read_csv(out_dir / "requests.csv")
     assert len(requests) >= summary["requests"].sum()
     assert (out_dir / "performance_summary.txt").read_text().strip()
