@@ -102,6 +102,49 @@ def _row_key(row: dict[str, str]) -> tuple[float, int]:
     return float(row["value"]), int(row["repeat"])
 
 
+def _read_rows(requests_path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Return the header of requests.csv and its rows that belong to a repeat."""
+    with requests_path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        rows = [row for row in reader if row.get("repeat") not in (None, "")]
+        return list(reader.fieldnames or []), rows
+
+
+def _finished_repeats(probes: dict[tuple[float, int], dict[str, Any]],
+                      rows: list[dict[str, str]]) -> dict[tuple[float, int], dict[str, Any]]:
+    """Return the probes.jsonl lines whose repeat has all its rows in requests.csv."""
+    counts: dict[tuple[float, int], int] = {}
+    for row in rows:
+        counts[_row_key(row)] = counts.get(_row_key(row), 0) + 1
+    return {key: item for key, item in probes.items() if counts.get(key) == int(item["requests"])}
+
+
+def finished_already(run_dir: Path, config: RunConfig) -> bool:
+    """Return True when the tune in ``run_dir`` ended by itself and left nothing to measure.
+
+    That is: manifest.json names no signal, sla_summary.csv has one answer per rule group
+    and none of them is marked interrupted, and every repeat in requests.csv has its line in
+    probes.jsonl with all its rows.
+    """
+    from runner.sla.probe import INTERRUPTED_NOTE
+    from runner.sla.rules import parse_rules
+
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+        answers = list(csv.DictReader((run_dir / "sla_summary.csv").open(newline="", encoding="utf-8")))
+        header, rows = _read_rows(run_dir / "requests.csv")
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("interrupted_by") or not manifest.get("ended_at"):
+        return False
+    if len(answers) != len(parse_rules(config.sla.rules)) or any(
+            (answer.get("note") or "").startswith(INTERRUPTED_NOTE) for answer in answers):
+        return False
+    probes = read_probes(run_dir / PROBES_FILE)
+    started = {_row_key(row) for row in rows}
+    return bool(probes) and set(_finished_repeats(probes, rows)) == started == set(probes)
+
+
 def prune(run_dir: Path) -> tuple[dict[tuple[float, int], dict[str, Any]], int, dict[tuple[float, int], int]]:
     """Drop rows and probe lines of unfinished repeats.
 
@@ -113,14 +156,11 @@ def prune(run_dir: Path) -> tuple[dict[tuple[float, int], dict[str, Any]], int, 
     if not requests_path.is_file():
         raise DataError(f"{requests_path} not found; nothing to resume")
     probes = read_probes(probes_path)
-    with requests_path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        rows = [row for row in reader if row.get("repeat") not in (None, "")]
+    header, rows = _read_rows(requests_path)
     counts: dict[tuple[float, int], int] = {}
     for row in rows:
         counts[_row_key(row)] = counts.get(_row_key(row), 0) + 1
-    finished = {key: item for key, item in probes.items() if counts.get(key) == int(item["requests"])}
+    finished = _finished_repeats(probes, rows)
     next_id = max((int(row["request_id"]) for row in rows), default=-1) + 1
     next_id = max([next_id] + [int(item.get("last_id", -1)) + 1 for item in probes.values()])
 
@@ -176,12 +216,17 @@ def _restore(resumed: Any, run_dir: Path, finished: dict[tuple[float, int], dict
     return reused
 
 
-def resume(run_dir: Path, overrides: list[str]) -> int:
-    from runner.run import Resumed, execute
-
+def load_tune_config(run_dir: Path, overrides: list[str]) -> RunConfig:
+    """Return the settings of the SLA tune in ``run_dir``; raise ConfigError for a plain run."""
     config = load_config(run_dir, overrides)
     if config.sla is None:
         raise ConfigError(f"{run_dir} is not an SLA tune (no sla in its config); only tunes can be resumed")
+    return config
+
+
+def resume(run_dir: Path, config: RunConfig) -> int:
+    from runner.run import Resumed, execute
+
     started_at = now_iso()
     finished, next_id, dropped = prune(run_dir)
     resumed = Resumed(next_id=next_id)
@@ -223,10 +268,15 @@ def main(argv: list[str] | None = None) -> int:
                              "endpoint.api_key_env or progress")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format=LOG_FORMAT)
-    _log_to_run_folder(args.run_dir)
     install_handlers()
     try:
-        return resume(args.run_dir, args.overrides)
+        config = load_tune_config(args.run_dir, args.overrides)
+        # Checked before anything is logged to the folder, which a finished tune keeps as it is.
+        if finished_already(args.run_dir, config):
+            print(f"{args.run_dir} finished already; nothing to resume")
+            return 0
+        _log_to_run_folder(args.run_dir)
+        return resume(args.run_dir, config)
     except RunnerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

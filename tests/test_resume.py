@@ -43,19 +43,43 @@ def answer(out_dir: Path) -> float:
     return float(pd.read_csv(out_dir / "sla_summary.csv")["max_satisfied"].iloc[0])
 
 
-@pytest.fixture
-def profile(tmp_path: Path) -> Path:
-    path = tmp_path / "sharp.yaml"
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("profile") / "sharp.yaml"
     path.write_text(yaml.safe_dump(SHARP_PROFILE), encoding="utf-8")
     return path
 
 
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, profile) -> Path:
+    """Folder of the tune run to its end, without a signal."""
+    out_dir = tmp_path_factory.mktemp("tune") / "whole"
+    done = subprocess.run(tune_command(out_dir, profile), cwd=REPO, capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stderr
+    return out_dir
+
+
+def folder_state(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(path.relative_to(folder)): (path.read_bytes(), path.stat().st_mtime_ns)
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_resume_matches_uninterrupted(tmp_path, profile):
-    whole = tmp_path / "whole"
-    done = subprocess.run(tune_command(whole, profile), cwd=REPO, capture_output=True, text=True, timeout=200)
-    assert done.returncode == 0, done.stderr
+def test_resume_of_finished_tune(whole):
+    before = folder_state(whole)
+    resumed = subprocess.run([sys.executable, "-m", "runner.resume", str(whole)], cwd=REPO, capture_output=True,
+                             text=True, timeout=60)
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout == f"{whole} finished already; nothing to resume\n"
+    assert resumed.stderr == ""
+    assert folder_state(whole) == before
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_resume_matches_uninterrupted(tmp_path, profile, whole):
     assert answer(whole) == 4
 
     cut = tmp_path / "cut"
@@ -112,6 +136,12 @@ def test_resume_matches_uninterrupted(tmp_path, profile):
     # Concurrencies restored from probes.jsonl are written as integers, never 2.000000.
     summary_lines = (cut / "summary.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in summary_lines[1:]] == ["2", "4", "5", "6", "8"]
+
+    again = subprocess.run([sys.executable, "-m", "runner.resume", str(cut)], cwd=REPO, capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == f"{cut} finished already; nothing to resume\n"
+    assert len(json.loads((cut / "manifest.json").read_text())["resumes"]) == 1
 
 
 @pytest.mark.parametrize("override", ["request.max_tokens=64", "search.upper_bound=12", "+load.warmup=3"])
