@@ -234,8 +234,13 @@ async def run_load(
         try:
             await sender.send(prompts[index % len(prompts)], record)
         except asyncio.CancelledError:
-            if record.cooldown:
-                finish(record)  # stopped on purpose once the measured requests ended
+            if not (record.cooldown or record.warmup):
+                # Measured requests are cancelled only when the whole load stops: a signal, or
+                # the failure guard. The row then keeps the request with the error "cancelled",
+                # and cooldown set leaves it out of every statistic, like the cooldown requests
+                # cancelled at a normal end.
+                record.cooldown = True
+            finish(record)
             raise
         finish(record)
 

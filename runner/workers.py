@@ -247,7 +247,9 @@ async def _serve_share(task: WorkerTask, control: Connection, outbox: queue.Simp
             await asyncio.wait([load, waiter], return_when=asyncio.FIRST_COMPLETED)
             flusher.cancel()
             if not load.done():
-                load.cancel()  # stopped by the parent: in-flight requests are dropped
+                # NOTE: stopped by the parent, so in-flight requests are dropped without a row,
+                # unlike in run_load in the parent, because the parent no longer reads records.
+                load.cancel()
                 await asyncio.wait([load])
                 return
             waiter.cancel()

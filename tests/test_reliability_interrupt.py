@@ -81,6 +81,16 @@ def test_signal_writes_results(tmp_path, signum, mode):
     assert summary["runs"].tolist() == [0]
     requests = pd.read_csv(out_dir / "requests.csv")
     assert len(requests) >= summary["requests"].sum()
+    if mode == "run":
+        # Each of the 16 slots had a request in flight at the signal. They keep a row, marked
+        # cancelled and, like cooldown requests, left out of every statistic.
+        cancelled = requests[requests["error"] == "cancelled"]
+        assert len(cancelled) == 16
+        assert cancelled["cooldown"].all()
+        assert not cancelled["success"].any()
+        assert summary["cooldown"].tolist() == [16]
+        assert summary["success_rate"].tolist() == [100.0]
+        assert len(requests) == summary["requests"].iloc[0] + summary["warmup"].iloc[0] + 16
     assert (out_dir / "performance_summary.txt").read_text().strip()
     manifest = json.loads((out_dir / "manifest.json").read_text())
     assert manifest["interrupted_by"] == signal.Signals(signum).name
