@@ -235,10 +235,9 @@ async def run_load(
             await sender.send(prompts[index % len(prompts)], record)
         except asyncio.CancelledError:
             if not (record.cooldown or record.warmup):
-                # Measured requests are cancelled only when the whole load stops: a signal, or
-                # the failure guard. The row then keeps the request with the error "cancelled",
-                # and cooldown set leaves it out of every statistic, like the cooldown requests
-                # cancelled at a normal end.
+                # Measured requests are cancelled only when a signal or the failure guard stops
+                # the whole load. The row keeps the error "cancelled", and the cooldown flag
+                # leaves it out of every statistic, as for cooldown requests cut at a normal end.
                 record.cooldown = True
             finish(record)
             raise

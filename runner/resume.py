@@ -122,9 +122,9 @@ def _finished_repeats(probes: dict[tuple[float, int], dict[str, Any]],
 def finished_already(run_dir: Path, config: RunConfig) -> bool:
     """Return True when the tune in ``run_dir`` ended by itself and left nothing to measure.
 
-    That is: manifest.json names no signal, sla_summary.csv has one answer per rule group
-    and none of them is marked interrupted, and every repeat in requests.csv has its line in
-    probes.jsonl with all its rows.
+    The tune is finished when manifest.json names no signal, sla_summary.csv has one row per
+    rule group and none of them is marked interrupted, and every repeat in requests.csv has
+    its line in probes.jsonl with all its rows.
     """
     from runner.sla.probe import INTERRUPTED_NOTE
     from runner.sla.rules import parse_rules

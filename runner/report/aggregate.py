@@ -41,8 +41,8 @@ class RunResult:
     interrupted_by: Optional[str] = None
     # One message per damaged line of requests.csv, such as a last line cut short.
     damage: list[str] = field(default_factory=list)
-    # True when a signal stopped the job before its first request completed: it has no
-    # summary, but it did not fail.
+    # True when a signal stopped the job before its first request completed, so it has no
+    # summary although it did not fail.
     stopped_before_results: bool = False
 
     @property
