@@ -327,7 +327,8 @@ class LoadPointProber:
         )
 
     def summary_frame(self, bounds: Optional[dict[str, float]] = None) -> pd.DataFrame:
-        values = [value for value in sorted(self.samples) if len(self.samples[value])]
+        # Points with only warmup rows, or only requests cancelled by a signal, have no statistics.
+        values = [value for value in sorted(self.samples) if self.samples[value].measured]
         for value in values:
             started = len(self.samples[value].repeats)
             finished = self.repeats.get(value, 0)

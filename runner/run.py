@@ -306,12 +306,12 @@ def write_reports(config: RunConfig, result: dict[str, Any], out_dir: Path, cons
     bounds = tightest_bounds(result.get("groups") or [])
     rows = prober.summary_frame(bounds).to_dict("records")
     if not rows:
-        # Stopped before any request ended: the files exist, with headers only.
+        # Stopped before any measured request completed: the files exist, with headers only.
         pd.DataFrame(columns=SUMMARY_COLUMNS).to_csv(out_dir / "summary.csv", index=False)
         if "tuner" in result:
             pd.DataFrame([a.to_row() for a in result["tuner"].answers()]).to_csv(out_dir / "sla_summary.csv",
                                                                                 index=False)
-        (out_dir / "performance_summary.txt").write_text("No request ended before the run stopped.\n",
+        (out_dir / "performance_summary.txt").write_text("No measured request completed before the run stopped.\n",
                                                          encoding="utf-8")
         return
     summary = write_summary(rows, out_dir / "summary.csv")

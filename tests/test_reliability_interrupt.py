@@ -133,7 +133,8 @@ def test_signal_in_sweep_aggregates(tmp_path, signum):
     assert summary["requests"].iloc[0] == 40
     assert 0 < summary["requests"].iloc[1] < 1000000
     markdown = (sweep_dir / "summary.md").read_text()
-    assert "2 jobs: 2 with results (1 of them interrupted, so their results are partial), 0 failed." in markdown
+    assert ("3 jobs: 2 with results (1 of them interrupted, so their results are partial), 0 failed, "
+            "1 not started.") in markdown
     assert f"| 1 | 1000000 | interrupted by {signal.Signals(signum).name} | 1 | 0 |  |" in markdown
     assert (sweep_dir / "report.html").is_file()
 
@@ -182,7 +183,12 @@ def test_ctrl_c_before_first_request_in_sweep(tmp_path):
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert not (sweep_dir / "1" / "error.txt").exists(), (sweep_dir / "1" / "error.txt").read_text()
-    assert len((sweep_dir / "1" / "requests.csv").read_text().splitlines()) == 1
+    # The two warmup requests in flight have rows, cancelled, and no request completed.
+    requests = pd.read_csv(sweep_dir / "1" / "requests.csv")
+    assert requests["error"].tolist() == ["cancelled", "cancelled"]
+    assert requests["warmup"].tolist() == [True, True]
+    assert (sweep_dir / "1" / "performance_summary.txt").read_text() == (
+        "No measured request completed before the run stopped.\n")
     assert json.loads((sweep_dir / "1" / "manifest.json").read_text())["interrupted_by"] == "SIGINT"
     assert not (sweep_dir / "2").exists()
     assert "sweep interrupted by SIGINT" in stderr

@@ -306,6 +306,19 @@ def test_job_stopped_before_first_request(tmp_path):
     assert summary["job"].tolist() == ["0"]
 
 
+def test_job_stopped_during_warmup(tmp_path):
+    # Only a warmup row: rebuilding the summary gives a row that counts no measured request.
+    make_run(tmp_path / "0", loads=(2,), overrides=["model=a"])
+    write_hydra(tmp_path / "1", ["model=b"])
+    write_requests(tmp_path / "1", {2: []})
+    write_manifest(tmp_path / "1", "SIGTERM")
+    build_report(tmp_path, run_plots=False)
+
+    markdown = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert "2 jobs: 1 with results, 1 interrupted before a request completed, 0 failed." in markdown
+    assert "| 1 | b | interrupted by SIGTERM, no complete request | 0 | 0 |  |" in markdown
+
+
 def test_empty_requests_without_signal_failed(tmp_path):
     write_hydra(tmp_path / "0", ["model=a"])
     (tmp_path / "0" / "requests.csv").write_text(",".join(REQUEST_COLUMNS) + "\n", encoding="utf-8")

@@ -154,6 +154,13 @@ def _tail_damage(requests_path: Path) -> list[str]:
     return [f"requests.csv line {line} is cut short because the file ends inside it; the report uses summary.csv as it is"]
 
 
+def _has_measured_request(summary: pd.DataFrame) -> bool:
+    """Return True when a summary row counts a measured request, cancelled ones left aside."""
+    if summary.empty or "requests" not in summary.columns:
+        return False
+    return bool((pd.to_numeric(summary["requests"], errors="coerce") > 0).any())
+
+
 def load_run(folder: RunFolder) -> RunResult:
     """Read one run's summary.csv and sla_summary.csv, rebuilding the summary when missing."""
     run_dir = folder.path
@@ -169,7 +176,7 @@ def load_run(folder: RunFolder) -> RunResult:
     summary_path = run_dir / "summary.csv"
     if summary_path.is_file():
         summary = _read_csv(summary_path)
-        if summary is not None and summary.empty and stopped_early:
+        if summary is not None and stopped_early and not _has_measured_request(summary):
             return RunResult(folder, None, sla, interrupted_by=interrupted_by, stopped_before_results=True)
         if summary is not None:
             damage = _tail_damage(requests_path) if requests_path.is_file() else []
@@ -190,6 +197,9 @@ def load_run(folder: RunFolder) -> RunResult:
             return RunResult(folder, None, sla, error=_failure_reason(run_dir, reason),
                              interrupted_by=interrupted_by, damage=damage)
         log.info("rebuilt %s from requests.csv", summary_path)
+        if stopped_early and not _has_measured_request(summary):
+            return RunResult(folder, None, sla, written=[summary_path], interrupted_by=interrupted_by,
+                             damage=damage, stopped_before_results=True)
         return RunResult(folder, summary, sla, written=[summary_path], interrupted_by=interrupted_by,
                          damage=damage)
 
