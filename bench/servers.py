@@ -122,9 +122,22 @@ def _tail(body: dict[str, Any], tokens: int) -> bytes:
     return _FINISH + (_usage_event(_prompt_tokens(body), tokens) if include_usage else b"") + _DONE
 
 
+def _requested_tokens(body: dict[str, Any]) -> int:
+    """Return the number of output tokens a request body sets, DEFAULT_TOKENS when it sets none."""
+    return int(body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_TOKENS)
+
+
+def _get_response(path: str) -> bytes:
+    """Return the response to a GET: the model list for /v1/models, an empty object otherwise."""
+    return _plain_response("200 OK", _MODELS if path.rstrip("/").endswith("/models") else b"{}")
+
+
 def _plain_response(status: str, body: bytes, content_type: bytes = b"application/json") -> bytes:
     return b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s" % (
         status.encode(), content_type, len(body), body)
+
+
+_INVALID_JSON = _plain_response("400 Bad Request", b'{"error":{"message":"invalid JSON"}}')
 
 
 @dataclass
@@ -143,7 +156,7 @@ class Log:
 
 
 class StreamProtocol(asyncio.Protocol):
-    """One HTTP/1.1 keep-alive connection of the zero-gap server; it answers requests in order."""
+    """One HTTP/1.1 keep-alive connection of the zero-gap server, responding to requests in order."""
 
     def __init__(self, log: Log) -> None:
         self.log = log
@@ -174,19 +187,16 @@ class StreamProtocol(asyncio.Protocol):
         arrival = time.perf_counter()
         connection = b"Connection: close\r\n\r\n" if close else b"\r\n"
         if method != "POST":
-            if path.rstrip("/").endswith("/models"):
-                transport.write(_plain_response("200 OK", _MODELS))
-            else:
-                transport.write(_plain_response("200 OK", b"{}"))
+            transport.write(_get_response(path))
             if close:
                 transport.close()
             return
         try:
             body = _loads(raw)
         except ValueError:
-            transport.write(_plain_response("400 Bad Request", b'{"error":{"message":"invalid JSON"}}'))
+            transport.write(_INVALID_JSON)
             return
-        tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_TOKENS)
+        tokens = _requested_tokens(body)
         if not body.get("stream"):
             message = {"id": "chatcmpl-bench", "object": "chat.completion", "model": "bench",
                        "choices": [{"index": 0, "message": {"role": "assistant", "content": " hi" * tokens},
@@ -210,8 +220,8 @@ class PacedConnection:
     """One keep-alive connection of the paced server, read with recvmsg for kernel arrival times.
 
     asyncio transports read with recv, which drops the kernel's receive timestamps, so this
-    connection registers its socket with the loop directly. Requests on one connection are
-    answered one after another, as HTTP/1.1 without pipelining requires.
+    connection registers its socket with the loop directly. It responds to the requests on
+    one connection one after another, as HTTP/1.1 without pipelining requires.
     """
 
     def __init__(self, sock: socket.socket, log: Log, gap: float, ttft: float) -> None:
@@ -273,14 +283,14 @@ class PacedConnection:
             method, path, raw, close = request
             parsed = time.perf_counter()
             if method != "POST":
-                self._write(_plain_response("200 OK", _MODELS if path.rstrip("/").endswith("/models") else b"{}"))
+                self._write(_get_response(path))
                 continue
             try:
                 body = _loads(raw)
             except ValueError:
-                self._write(_plain_response("400 Bad Request", b'{"error":{"message":"invalid JSON"}}'))
+                self._write(_INVALID_JSON)
                 continue
-            tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_TOKENS)
+            tokens = _requested_tokens(body)
             self.busy = self.loop.create_task(self._paced(self.arrival, parsed, tokens, close, _tail(body, tokens)))
 
     def _write(self, data: bytes) -> None:

@@ -3,8 +3,8 @@
 The server (bench/servers.py, in its own process on 127.0.0.1) answers every request with
 the same timeline: first token 200 ms after the request arrived, then 32 tokens 20 ms
 apart. A request's arrival is the kernel's receive time of its last bytes, so the server's
-log holds the true TTFT even when the server itself is slow to parse a burst of requests;
-the column `server_parse_lag_mean_ms` shows how long that took. The runner runs as users
+log contains the true TTFT even when the server itself is slow to parse a burst of
+requests. The column `server_parse_lag_mean_ms` shows how long that parsing took. The runner runs as users
 run it (``python -m runner endpoint=openai ...``) at several concurrencies. The error is the
 runner's statistic minus the same statistic of the server's log.
 

@@ -210,8 +210,8 @@ class LoadPointProber:
         finalizer = BatchFinalizer(self.count_tokens, on_final)
 
         def on_record(record: Any) -> None:
-            # The guard sees each record as it ends: a success may wait for its token count,
-            # and the failures after it must not look like a run where everything failed.
+            # The guard checks each record as it ends, because a success may wait for its
+            # token count, and the failures after it must not look like a run where all failed.
             if self.guard.observe(record) and not load.done():
                 load.cancel()  # every request so far failed, so stop before sending more
             finalizer.add(record)

@@ -48,7 +48,7 @@ async def send_while_blocked(writes: list) -> tuple[RequestRecord, object, float
 @linux_only
 def test_chunk_time_survives_blocked_loop():
     # The first token arrives 0.10 s after the request, while the loop is blocked until
-    # about 0.30 s; the reply ends at 0.50 s, after the block.
+    # about 0.30 s. The reply ends at 0.50 s, after the block.
     writes = [(0.10, chat_chunk(content="first")), (0.50, chat_chunk(content=" second", finish_reason="stop")),
               (0.51, DONE)]
 

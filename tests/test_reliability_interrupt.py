@@ -151,7 +151,7 @@ def test_signal_before_load_exits_cleanly(tmp_path):
     assert "Traceback" not in stderr
 
 
-# Job 1 asks for 20,000 tokens per request, which the qwen2.5-7b profile streams for minutes,
+# Job 1 requests 20,000 tokens per request, which the qwen2.5-7b profile streams for minutes,
 # so a signal soon after its requests.csv appears comes before any request completes.
 SLOW_FIRST_REQUEST_SWEEP = ["progress=false", "model.sim_profile=qwen2.5-7b-1gpu", "load.parallel=2",
                             "load.number=4", "dataset.min_prompt_length=16", "dataset.max_prompt_length=16",

@@ -189,8 +189,8 @@ async def failing_chat(request: web.Request) -> web.Response:
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("server_up", [False, True], ids=["server-down", "preflight-fails"])
 async def test_url_password_not_in_error_or_files(aiohttp_server, unused_tcp_port, tmp_path, server_up):
-    # The first test request fails: the connection is refused, or the server answers 503.
-    # Its error goes to stderr, runner.log and manifest.json, none of which may hold the password.
+    # The first test request fails, because the connection is refused or the server returns
+    # 503. Its error goes to stderr, runner.log and manifest.json, and none may contain the password.
     if server_up:
         app = web.Application()
         app.router.add_post(CHAT, failing_chat)

@@ -109,8 +109,8 @@ def test_child_exits_when_parent_dies():
 
 
 def test_sim_child_out_of_terminal_group():
-    # Ctrl-C goes to the terminal's foreground process group; the runner must receive it and
-    # stop the server itself, so the server cannot die first and fail the start-up.
+    # Ctrl-C goes to the terminal's foreground process group. The runner must receive it and
+    # stop the server itself, so that the server cannot die first and fail the start-up.
     with start_sim("fast") as sim:
         assert os.getpgid(sim.pid) != os.getpgid(0)
         assert os.getsid(sim.pid) == sim.pid

@@ -155,7 +155,7 @@ class StampingEventLoop(asyncio.SelectorEventLoop):
             except OSError:
                 pass
             else:
-                # Python 3.12 and later check that no other transport holds the socket.
+                # Python 3.12 and later check that no other transport uses the socket.
                 ensure_free = getattr(self, "_ensure_fd_no_transport", None)
                 if ensure_free is not None:
                     ensure_free(sock)

@@ -170,8 +170,8 @@ def load_run(folder: RunFolder) -> RunResult:
     requests_path = run_dir / "requests.csv"
 
     # A job that a signal stopped before its first request completed has a manifest naming
-    # the signal, no error.txt, and no summary row: summary.csv is missing or holds only
-    # its header, and requests.csv, if any, holds no complete row.
+    # the signal, no error.txt, and no summary row: summary.csv is missing or contains only
+    # its header, and requests.csv, if any, contains no complete row.
     stopped_early = bool(interrupted_by) and not (run_dir / "error.txt").is_file()
     summary_path = run_dir / "summary.csv"
     if summary_path.is_file():
